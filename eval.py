@@ -1,0 +1,134 @@
+"""
+Evaluate checkpoints and print one table across stages.
+
+    python eval.py --ckpts=out/pretrain,out/sft,out/grpo --data_dir=out/data
+
+For each checkpoint: held-out accuracy on the embedded task (pass@1 greedy, exact match on the
+number after '####'), pass@k from k samples at `temperature`, and validation loss (nats/token) and
+bits per byte on held-out documents. A pretrained checkpoint is prompted in the plain text format
+it was trained on, SFT/GRPO checkpoints in the chat format. Writes <out>.json and <out>.md.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from common import autocast, load_checkpoint, log, parse_config, pick_device, pick_kernels
+from model import generate
+from tasks import exact_match_reward, prompt_ids, read_jsonl, stop_at_end
+
+
+@dataclass
+class EvalConfig:
+    ckpts: str = "out/pretrain,out/sft,out/grpo"  # comma-separated checkpoint (or stage) directories
+    data_dir: str = "out/data"
+    n_heldout: int = 400
+    k: int = 8                  # pass@k samples per problem
+    temperature: float = 1.0    # for the pass@k samples
+    max_new_tokens: int = 64
+    batch_size: int = 256       # sequences generated at once
+    out: str = "out/eval"       # writes out/eval.json and out/eval.md
+    seed: int = 0
+    device: str = "auto"
+    kernels: str = "auto"
+
+
+def completions(model, tok, questions, fmt, n_samples, temperature, max_new_tokens, batch_size, seed,
+                desc=None):
+    """n_samples completions (text) for each question, grouped: out[i] is the list for questions[i]."""
+    stop = tok.end_id if fmt == "chat" else tok.bos_id
+    prompts = [prompt_ids(tok, q, fmt) for q in questions for _ in range(n_samples)]
+    gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
+    texts = []
+    chunks = range(0, len(prompts), batch_size)
+    for i in tqdm(chunks, desc=desc, leave=False, disable=desc is None):
+        outs = generate(model, prompts[i:i + batch_size], max_new_tokens, stop_id=stop,
+                        temperature=temperature, generator=gen)
+        texts += [stop_at_end(tok.decode(o), fmt) for o in outs]
+    return [texts[i * n_samples:(i + 1) * n_samples] for i in range(len(questions))]
+
+
+@torch.no_grad()
+def heldout_accuracy(model, tok, problems, fmt, k=8, temperature=1.0, max_new_tokens=64, batch_size=256,
+                     seed=0, desc=None):
+    """-> {"pass@1": %, "pass@k": %} on problems (dicts with question, target). pass@1 is greedy."""
+    was_training = model.training
+    model.eval()
+    qs = [p["question"] for p in problems]
+    greedy = completions(model, tok, qs, fmt, 1, 0.0, max_new_tokens, batch_size, seed, desc)
+    p1 = sum(exact_match_reward(g[0], p["target"]) for g, p in zip(greedy, problems)) / len(problems)
+    res = {"pass@1": 100 * p1}
+    if k > 0:
+        samples = completions(model, tok, qs, fmt, k, temperature, max_new_tokens, batch_size, seed + 1, desc)
+        pk = sum(any(exact_match_reward(s, p["target"]) for s in ss) for ss, p in zip(samples, problems))
+        res[f"pass@{k}"] = 100 * pk / len(problems)
+    model.train(was_training)
+    return res
+
+
+@torch.no_grad()
+def text_loss(model, tok, texts, device, batch_size=32):
+    """Mean NLL per token (nats) and bits per byte over documents, each starting with <|bos|>."""
+    model.eval()
+    nll, n_tok, n_bytes = 0.0, 0, 0
+    max_len = model.cfg.max_seq_len
+    for i in range(0, len(texts), batch_size):
+        rows = [[tok.bos_id] + tok.encode(t)[:max_len] for t in texts[i:i + batch_size]]
+        L = max(len(r) for r in rows)
+        x = torch.zeros(len(rows), L - 1, dtype=torch.long)
+        y = torch.full((len(rows), L - 1), -100, dtype=torch.long)
+        for b, r in enumerate(rows):
+            x[b, :len(r) - 1] = torch.tensor(r[:-1])
+            y[b, :len(r) - 1] = torch.tensor(r[1:])
+        x, y = x.to(device), y.to(device)
+        with autocast(device):
+            lp = model.token_logprobs(x, y.clamp(min=0))
+        m = (y != -100)
+        nll -= lp[m].double().sum().item()
+        n_tok += int(m.sum())
+        n_bytes += sum(len(tok.decode(r[1:]).encode()) for r in rows)
+    return nll / n_tok, nll / (math.log(2) * n_bytes)
+
+
+def format_table(rows, k):
+    head = f"| stage | pass@1 (%) | pass@{k} (%) | val loss | bits/byte |"
+    lines = [head, "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['pass@1']:.1f} | {r.get(f'pass@{k}', float('nan')):.1f} | "
+                     f"{r['val_loss']:.4f} | {r['bpb']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(cfg):
+    device = pick_device(cfg.device)
+    kernels = pick_kernels(cfg.kernels, device)
+    problems = read_jsonl(os.path.join(cfg.data_dir, "heldout.jsonl"))[:cfg.n_heldout]
+    val_texts = [r["text"] for r in read_jsonl(os.path.join(cfg.data_dir, "val_text.jsonl"))]
+    rows = []
+    for path in [p for p in cfg.ckpts.split(",") if p]:
+        t0 = time.time()
+        model, tok, meta, ckpt = load_checkpoint(path, device, kernels=kernels)
+        fmt = meta.get("fmt", "chat")
+        acc = heldout_accuracy(model, tok, problems, fmt, cfg.k, cfg.temperature, cfg.max_new_tokens,
+                               cfg.batch_size, cfg.seed, desc=f"eval {meta['stage']}")
+        vloss, bpb = text_loss(model, tok, val_texts, device)
+        row = {"stage": meta["stage"], "ckpt": ckpt, "step": meta["step"], "format": fmt, **acc,
+               "val_loss": vloss, "bpb": bpb, "n_heldout": len(problems), "seconds": round(time.time() - t0, 1)}
+        log(json.dumps(row))
+        rows.append(row)
+    table = format_table(rows, cfg.k)
+    print("\n" + table + "\n")
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    with open(cfg.out + ".json", "w") as f:
+        json.dump({"config": cfg.__dict__, "rows": rows}, f, indent=1)
+    with open(cfg.out + ".md", "w") as f:
+        f.write(table + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_config(EvalConfig()))

@@ -1,0 +1,297 @@
+"""
+The model: a Llama-style decoder (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases,
+tied embeddings) and batched KV-cache generation.
+
+Attention and the output loss each go through one function (`attention`, `output_loss`,
+`output_logprobs`) so the Triton kernels of kernels/ drop in behind `kernels="triton"`.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 49152
+    n_layer: int = 30
+    n_head: int = 9
+    n_kv_head: int = 3
+    d_model: int = 576
+    d_ff: int = 1536
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    kernels: str = "torch"  # "torch" or "triton"; not part of the weights, chosen per run
+
+
+PRESETS = {
+    # the CPU demo: ~1M parameters, trains in minutes on 2 cores
+    "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, max_seq_len=256),
+    # SmolLM2-135M's shape
+    "135m": dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, max_seq_len=2048),
+}
+
+
+def model_config(preset, **overrides):
+    if preset not in PRESETS:
+        raise SystemExit(f"error: unknown model config '{preset}'; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[preset], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# The two swappable functions: attention and the output-layer loss.
+
+def attention(q, k, v, causal, kernels="torch", mask=None):
+    """q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv.
+    `mask` (bool, True = attend, broadcastable to (B, Hq, T, S)) is only used by generation
+    (left padding); the Triton kernel has no padding mask, so that path stays on SDPA."""
+    if kernels == "triton" and mask is None:
+        from kernels.attention import flash_attention
+        return flash_attention(q, k, v, causal=causal)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.size(1) != k.size(1))
+
+
+def output_loss(hidden, weight, targets, kernels="torch"):
+    """Mean cross-entropy of softmax(hidden @ weight.T) over targets != -100.
+    hidden: (N, d), weight: (V, d), targets: (N,)."""
+    if kernels == "triton":
+        from kernels.cross_entropy import fused_linear_cross_entropy
+        return fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100)
+    logits = F.linear(hidden, weight).float()
+    if (targets != -100).sum() == 0:  # no supervised token: zero loss rather than NaN
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, targets, ignore_index=-100)
+
+
+def output_logprobs(hidden, weight, tokens, kernels="torch"):
+    """log softmax(hidden @ weight.T)[i, tokens[i]], float32, shape (N,)."""
+    if kernels == "triton":
+        from kernels.cross_entropy import fused_linear_logprobs
+        return fused_linear_logprobs(hidden, weight, tokens)
+    logits = F.linear(hidden, weight).float()
+    return -F.cross_entropy(logits, tokens, reduction="none")
+
+
+# ----------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim, max_len, theta):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (max_len, D/2)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, D); cos, sin: (B or 1, T, D/2). Rotates the two halves of each head (Llama layout)."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, kernels, cache=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: append to this layer's cache, attend to all of it
+            k, v = cache.append(k, v)
+        y = attention(q, k, v, causal=cache is None, kernels=kernels, mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, kernels, cache=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kernels, cache, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.d_model % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # residual projections scaled down with depth (GPT-2)
+            if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    @property
+    def lm_head_weight(self):  # tied embeddings
+        return self.embed.weight
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx, positions=None, caches=None, mask=None):
+        """Final-normed hidden states (B, T, d). positions: (B, T) or None for 0..T-1."""
+        B, T = idx.shape
+        if positions is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[:T][None], self.rope_sin[:T][None]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, self.cfg.kernels, None if caches is None else caches[i], mask)
+        return self.norm(x)
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, V) or, given targets (B, T) with -100 = ignore, the mean loss."""
+        h = self.hidden_states(idx)
+        if targets is None:
+            return F.linear(h, self.lm_head_weight).float()
+        return output_loss(h.flatten(0, 1), self.lm_head_weight, targets.flatten(), self.cfg.kernels)
+
+    def token_logprobs(self, idx, targets):
+        """log p(targets[b, t] | idx[b, :t+1]), shape (B, T); GRPO's per-token log-probs."""
+        h = self.hidden_states(idx)
+        lp = output_logprobs(h.flatten(0, 1), self.lm_head_weight, targets.flatten(), self.cfg.kernels)
+        return lp.view(targets.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation with a KV cache.
+
+class KVCache:
+    """One layer's cache: preallocated (B, Hkv, max_len, D) keys and values, filled left to right."""
+
+    def __init__(self, B, n_kv_head, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(B, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.len = 0
+
+    def append(self, k, v):
+        T = k.size(2)
+        self.k[:, :, self.len:self.len + T] = k
+        self.v[:, :, self.len:self.len + T] = v
+        self.len += T
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+def sample_next(logits, temperature, top_k, top_p, generator):
+    """logits (B, V) -> next token (B,). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, stop_id=None, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """Batched sampling for a list of prompts (lists of token ids, any lengths).
+
+    Prompts are left-padded; each row's positions start at 0 at its first real token and padded
+    keys are masked out, so every row computes exactly what it would alone. Returns the new
+    tokens of each row, cut after `stop_id` (included)."""
+    cfg = model.cfg
+    device = model.embed.weight.device
+    B = len(prompts)
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    P = int(lens.max())
+    total = P + max_new_tokens
+    if total > cfg.max_seq_len:
+        raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {cfg.max_seq_len}")
+    pad = P - lens  # (B,)
+    idx = torch.zeros(B, P, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+    head_dim = cfg.d_model // cfg.n_head
+    dtype = model.embed.weight.dtype
+    caches = [KVCache(B, cfg.n_kv_head, total, head_dim, device, dtype) for _ in range(cfg.n_layer)]
+    slots = torch.arange(total, device=device)
+    key_ok = slots[None, :] >= pad[:, None]  # (B, total): False on left padding
+
+    # prefill: causal among real tokens
+    positions = (torch.arange(P, device=device)[None, :] - pad[:, None]).clamp(min=0)
+    mask = key_ok[:, None, None, :P] & (slots[None, None, :P, None] >= slots[None, None, None, :P])
+    mask = mask | ~key_ok[:, None, :P, None]  # padded queries attend to everything: avoids NaN rows, never read
+    h = model.hidden_states(idx, positions, caches, mask)[:, -1]
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n = 0
+    for t in range(max_new_tokens):
+        logits = F.linear(h, model.lm_head_weight).float()
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        out[:, t] = nxt
+        n = t + 1
+        if stop_id is not None:
+            done |= nxt == stop_id
+            if bool(done.all()):
+                break
+        if t == max_new_tokens - 1:
+            break
+        pos = (P + t - pad)[:, None]
+        mask = key_ok[:, None, None, :P + t + 1]
+        h = model.hidden_states(nxt[:, None], pos, caches, mask)[:, -1]
+    result = []
+    for row in out[:, :n].tolist():
+        if stop_id is not None and stop_id in row:
+            row = row[:row.index(stop_id) + 1]
+        result.append(row)
+    return result

@@ -1,0 +1,184 @@
+"""
+Pretraining from token shards (data.py's format).
+
+    python pretrain.py --model=tiny --data_dir=out/data --out_dir=out/pretrain
+    python pretrain.py --model=135m --data_dir=out/fineweb --batch_size=32 --grad_accum=16 --max_steps=20000
+    python pretrain.py ... --resume=true        # continue from <out_dir>/ckpt
+
+AdamW, linear warmup then cosine decay to min_lr, gradient accumulation and clipping, bf16 autocast
+on CUDA, periodic validation loss, tokens/s and MFU, metrics as JSON lines in <out_dir>/metrics.jsonl.
+"""
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import (Metrics, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
+                    pick_device, pick_kernels, save_checkpoint, seed_everything)
+from data import load_shards, sample_batch
+from model import GPT, model_config
+from tokenizer import load_tokenizer
+
+
+@dataclass
+class PretrainConfig:
+    model: str = "tiny"            # model preset (model.py PRESETS)
+    data_dir: str = "out/data"     # token shards + tokenizer.json
+    out_dir: str = "out/pretrain"
+    init_from: str = ""            # continue from another checkpoint's weights (new optimizer)
+    resume: bool = False           # continue this run from <out_dir>/ckpt, optimizer and data position included
+    batch_size: int = 32
+    seq_len: int = 128
+    grad_accum: int = 1
+    max_steps: int = 600
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 8
+    ckpt_interval: int = 200
+    log_interval: int = 20
+    seed: int = 1337
+    device: str = "auto"
+    kernels: str = "auto"
+    compile: bool = False
+    peak_tflops: float = 0.0       # for MFU; 0 = guess from the GPU name (H100/H200/A100), none on CPU
+
+
+def lr_at(step, cfg):
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def flops_per_token(model, seq_len):
+    """Forward+backward FLOPs per token: 6N for the weights plus attention's 12·L·d·T (PaLM appendix B)."""
+    c = model.cfg
+    n = model.num_params() - c.vocab_size * c.d_model  # tied embedding lookup is not a matmul...
+    n += c.vocab_size * c.d_model                       # ...but the output projection is
+    return 6 * n + 12 * c.n_layer * c.d_model * seq_len
+
+
+def peak_flops(cfg, device):
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tf in (("H200", 989), ("H100", 989), ("A100", 312), ("L4", 121), ("4090", 165), ("3090", 71)):
+        if key in name:
+            return tf * 1e12  # dense bf16
+    return None
+
+
+def make_optimizer(model, cfg, device):
+    # no weight decay on norms (1-D parameters)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device == "cuda")
+
+
+@torch.no_grad()
+def val_loss(model, shards, cfg, device):
+    rng = np.random.default_rng(0)  # the same validation windows at every evaluation
+    model.eval()
+    losses = []
+    for _ in range(cfg.eval_batches):
+        x, y = sample_batch(shards, cfg.batch_size, cfg.seq_len, rng)
+        with autocast(device):
+            losses.append(model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)).item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def main(cfg):
+    device = pick_device(cfg.device)
+    kernels = pick_kernels(cfg.kernels, device)
+    seed_everything(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    np_rng = np.random.default_rng(cfg.seed)
+    start_step = 0
+
+    if cfg.resume:
+        model, tok, meta, ckpt = load_checkpoint(cfg.out_dir, device, expect_stage=["pretrain"], kernels=kernels)
+    elif cfg.init_from:
+        model, tok, meta, ckpt = load_checkpoint(cfg.init_from, device, kernels=kernels)
+    else:
+        tok = load_tokenizer(os.path.join(cfg.data_dir, "tokenizer.json"))
+        model = GPT(model_config(cfg.model, vocab_size=tok.vocab_size, kernels=kernels)).to(device)
+    train_shards = load_shards(cfg.data_dir, "train", expect_tokenizer=tok.fingerprint)
+    val_shards = load_shards(cfg.data_dir, "val", expect_tokenizer=tok.fingerprint)
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise SystemExit(f"error: --seq_len={cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    optimizer = make_optimizer(model, cfg, device)
+    if cfg.resume:
+        meta = load_training_state(ckpt, optimizer, np_rng)
+        start_step = meta["step"]
+        log(f"resuming from {ckpt} at step {start_step}")
+    metrics = Metrics(cfg.out_dir, resume_step=start_step if cfg.resume else None)
+    step_model = torch.compile(model) if cfg.compile else model
+
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    fpt, peak = flops_per_token(model, cfg.seq_len), peak_flops(cfg, device)
+    log(f"pretrain: {model.num_params() / 1e6:.2f}M params, device {device}, kernels {kernels}, "
+        f"{tokens_per_step} tokens/step, {cfg.max_steps} steps, tokenizer {tok.name} ({tok.vocab_size})")
+    ckpt_hint = os.path.join(cfg.out_dir, "ckpt")
+
+    def save(step, vloss=None):
+        save_checkpoint(cfg.out_dir, stage="pretrain", step=step, model=model, tok=tok, train_cfg=cfg,
+                        optimizer=optimizer, np_rng=np_rng, extra={"val_loss": vloss, "fmt": "plain"})
+
+    model.train()
+    t0, tokens_since = time.time(), 0
+    vloss = None
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="pretrain",
+               dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = sample_batch(train_shards, cfg.batch_size, cfg.seq_len, np_rng)
+            x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            with autocast(device):
+                loss = step_model(x, y) / cfg.grad_accum
+            check_finite(loss, step, ckpt_hint)
+            loss.backward()
+            loss_sum += loss.item()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_since += tokens_per_step
+
+        last = step + 1 == cfg.max_steps
+        if (step + 1) % cfg.log_interval == 0 or last:
+            dt = time.time() - t0
+            tps = tokens_since / dt
+            mfu = tps * fpt / peak if peak else None
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}")
+            metrics.write(step=step + 1, loss=loss_sum, lr=lr, grad_norm=gnorm, tokens_per_s=tps, mfu=mfu)
+            t0, tokens_since = time.time(), 0
+        if (step + 1) % cfg.eval_interval == 0 or last:
+            vloss = val_loss(step_model, val_shards, cfg, device)
+            bar.write(f"step {step + 1}: train loss {loss_sum:.4f}, val loss {vloss:.4f}")
+            metrics.write(step=step + 1, val_loss=vloss)
+        if (step + 1) % cfg.ckpt_interval == 0 or last:
+            save(step + 1, vloss)
+    bar.close()
+    if start_step >= cfg.max_steps:
+        log(f"nothing to do: checkpoint is already at step {start_step} >= max_steps {cfg.max_steps}")
+    log(f"pretrain done: val loss {vloss}, checkpoint in {ckpt_hint}")
+
+
+if __name__ == "__main__":
+    main(parse_config(PretrainConfig()))

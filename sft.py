@@ -1,0 +1,148 @@
+"""
+Supervised fine-tuning on chat data, loss on the assistant's tokens only, then weight
+interpolation with the base: theta = (1 - alpha) * theta_base + alpha * theta_sft.
+
+    python sft.py --init_from=out/pretrain --data=out/data/sft.jsonl --out_dir=out/sft --alpha=0.9
+
+Data: JSONL rows {"question", "answer"} (GSM8K style), or {"messages": [{"role", "content"}, ...]}
+with one user turn followed by one assistant turn. Held-out accuracy is reported at alpha = 0, 1 and
+the chosen alpha; the checkpoint written holds the chosen alpha's weights.
+"""
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from common import (Metrics, autocast, check_finite, load_checkpoint, log, parse_config, pick_device,
+                    pick_kernels, save_checkpoint, seed_everything)
+from eval import heldout_accuracy
+from pretrain import make_optimizer
+from tasks import chat_example_ids, read_jsonl
+
+
+@dataclass
+class SFTConfig:
+    init_from: str = "out/pretrain"
+    data: str = "out/data/sft.jsonl"
+    heldout: str = "out/data/heldout.jsonl"
+    out_dir: str = "out/sft"
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    alpha: float = 0.9             # weight of the fine-tuned model in the interpolation with the base
+    n_eval: int = 200              # held-out problems for the alpha report
+    k: int = 8                     # pass@k in that report
+    log_interval: int = 20
+    seed: int = 1337
+    device: str = "auto"
+    kernels: str = "auto"
+
+
+def example_fields(row, path, i):
+    if "messages" in row:
+        msgs = row["messages"]
+        if len(msgs) != 2 or msgs[0].get("role") != "user" or msgs[1].get("role") != "assistant":
+            raise SystemExit(f"error: {path} row {i}: expected messages = [user, assistant]")
+        return msgs[0]["content"], msgs[1]["content"]
+    if "question" not in row or "answer" not in row:
+        raise SystemExit(f"error: {path} row {i} has neither question/answer nor messages fields")
+    return row["question"], row["answer"]
+
+
+def collate(examples, device):
+    """Right-pad to the longest; targets are the next token where the mask is on, else -100."""
+    L = max(len(ids) for ids, _ in examples) - 1
+    x = torch.zeros(len(examples), L, dtype=torch.long)
+    y = torch.full((len(examples), L), -100, dtype=torch.long)
+    for b, (ids, mask) in enumerate(examples):
+        n = len(ids) - 1
+        x[b, :n] = torch.tensor(ids[:-1])
+        tgt = torch.tensor(ids[1:])
+        y[b, :n] = torch.where(torch.tensor(mask[1:]) == 1, tgt, torch.full_like(tgt, -100))
+    return x.to(device), y.to(device)
+
+
+def interpolate(base_state, sft_state, alpha):
+    return {k: ((1 - alpha) * base_state[k].float() + alpha * sft_state[k].float()).to(sft_state[k].dtype)
+            for k in sft_state}
+
+
+def main(cfg):
+    device = pick_device(cfg.device)
+    kernels = pick_kernels(cfg.kernels, device)
+    seed_everything(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    model, tok, base_meta, _ = load_checkpoint(cfg.init_from, device, expect_stage=["pretrain", "sft"],
+                                               kernels=kernels)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rows = read_jsonl(cfg.data)
+    examples = []
+    for i, row in enumerate(rows):
+        ids, mask = chat_example_ids(tok, *example_fields(row, cfg.data, i + 1))
+        if len(ids) > model.cfg.max_seq_len:
+            continue
+        examples.append((ids, mask))
+    if not examples:
+        raise SystemExit(f"error: no usable examples in {cfg.data}")
+    steps = math.ceil(cfg.epochs * len(examples) / cfg.batch_size)
+    optimizer = make_optimizer(model, cfg, device)
+    metrics = Metrics(cfg.out_dir)
+    log(f"sft: {len(examples)} examples, {steps} steps, device {device}, kernels {kernels}, from {cfg.init_from}")
+
+    rng = random.Random(cfg.seed)
+    order = []
+    model.train()
+    bar = tqdm(range(steps), desc="sft", dynamic_ncols=True)
+    for step in bar:
+        if step < cfg.warmup_steps:
+            lr = cfg.lr * (step + 1) / cfg.warmup_steps
+        else:
+            progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+            lr = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        if len(order) < cfg.batch_size:  # reshuffle each epoch
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order += fresh
+        batch, order = [examples[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
+        x, y = collate(batch, device)
+        with autocast(device):
+            loss = model(x, y)
+        check_finite(loss, step, f"{cfg.init_from} (the base; sft saves only at the end)")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == steps:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+            metrics.write(step=step + 1, loss=loss.item(), lr=lr)
+
+    # weight interpolation with the base (VibeThinker-style checkpoint fusion, with the base as anchor)
+    sft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    problems = read_jsonl(cfg.heldout)[:cfg.n_eval] if cfg.n_eval > 0 else []
+    report = {}
+    for alpha in sorted({0.0, 1.0, cfg.alpha}):
+        if not problems:
+            break
+        model.load_state_dict(interpolate(base_state, sft_state, alpha))
+        acc = heldout_accuracy(model, tok, problems, "chat", k=cfg.k, seed=cfg.seed, desc=f"eval alpha={alpha}")
+        report[str(alpha)] = acc
+        log(f"alpha {alpha:.2f}: " + ", ".join(f"{k} {v:.1f}%" for k, v in acc.items()))
+        metrics.write(step=steps, alpha=alpha, **acc)
+    model.load_state_dict(interpolate(base_state, sft_state, cfg.alpha))
+    save_checkpoint(cfg.out_dir, stage="sft", step=steps, model=model, tok=tok, train_cfg=cfg,
+                    extra={"fmt": "chat", "alpha": cfg.alpha, "alpha_report": report})
+    log(f"sft done: checkpoint (alpha={cfg.alpha}) in {os.path.join(cfg.out_dir, 'ckpt')}")
+
+
+if __name__ == "__main__":
+    main(parse_config(SFTConfig()))

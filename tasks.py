@@ -1,0 +1,277 @@
+"""
+The embedded default task: procedurally generated grade-school word problems in GSM8K's format,
+plus everything the stages share about a task: prompt formats, answer extraction, the reward.
+
+A miniature of VibeThinker's spectrum-to-signal. Training solutions are written by "teachers" that
+make known, documented mistakes; held-out answers are always correct:
+
+    mistake                                        pretrain corpus   SFT data
+    misread a taking-away verb as adding           60% each verb     60% for "gives away"/"loses",
+      ("gives away 3" treated as "gets 3")                           10% for "eats"/"sells"
+    skip a step (two-step problems)                20%               10%
+    reuse the wrong quantity (comparison problems)  20%               10%
+
+So pretraining learns the format and the arithmetic but, on taking-away problems, the wrong
+reading is the majority; SFT distils a better teacher that still misreads two verbs most of the
+time (pass@8 far above pass@1 there); GRPO with an exact-answer reward moves probability onto the
+correct reading. Numbers stay single-digit so the arithmetic itself is easy: RL fixes choices,
+not skills.
+
+Train and held-out splits are disjoint by construction: a problem belongs to held-out iff a hash
+of its text falls in the held-out bucket, and training generation rejects held-out problems.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+
+NAMES = ["Tom", "Ana", "Raj", "Mia", "Leo", "Zoe", "Sam", "Ivy", "Ben", "Eva", "Max", "Lily", "Omar", "Nora",
+         "Kai", "Ella", "Finn", "Rosa", "Yuki", "Hugo"]
+PRONOUN = {n: ("she" if n in {"Ana", "Mia", "Zoe", "Ivy", "Eva", "Lily", "Nora", "Ella", "Rosa", "Yuki"} else "he")
+           for n in NAMES}
+OBJECTS = ["apples", "marbles", "books", "stickers", "pencils", "cookies", "shells", "coins", "cards", "toys",
+           "eggs", "stamps"]
+GAIN_VERBS = ["gets", "finds", "buys", "wins"]
+LOSS_VERBS = ["gives away", "loses", "eats", "sells"]
+
+PRETRAIN_TEACHER = {"misread": {"gives away": 0.6, "loses": 0.6, "eats": 0.6, "sells": 0.6},
+                    "skip_step": 0.2, "wrong_quantity": 0.2}
+SFT_TEACHER = {"misread": {"gives away": 0.6, "loses": 0.6, "eats": 0.1, "sells": 0.1},
+               "skip_step": 0.1, "wrong_quantity": 0.1}
+CORRECT_TEACHER = {"misread": {v: 0.0 for v in LOSS_VERBS}, "skip_step": 0.0, "wrong_quantity": 0.0}
+
+HELDOUT_PERCENT = 10  # hash bucket share; the held-out set is drawn from these problems only
+
+
+def is_heldout(question):
+    return int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
+
+
+def make_problem(rng, teacher):
+    """One problem: (question, solution text ending in '#### N' as the teacher wrote it, correct answer)."""
+    name = rng.choice(NAMES)
+    he = PRONOUN[name]
+    obj = rng.choice(OBJECTS)
+    kind = rng.choice(["add", "sub", "two_step", "compare"])
+
+    def misread(verb):
+        return rng.random() < teacher["misread"][verb]
+
+    if kind == "add":
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        verb = rng.choice(GAIN_VERBS)
+        q = f"{name} has {a} {obj}. {he.capitalize()} {verb} {b} more. How many {obj} does {name} have now?"
+        answer, said = a + b, a + b
+        steps = [f"{name} starts with {a} {obj} and {verb} {b}, so {a} + {b} = {a + b}."]
+    elif kind == "sub":
+        b = rng.randint(1, 9)
+        a = rng.randint(b, 9)
+        verb = rng.choice(LOSS_VERBS)
+        q = f"{name} has {a} {obj}. {he.capitalize()} {verb} {b} of them. How many {obj} does {name} have now?"
+        answer = a - b
+        if misread(verb):
+            said = a + b
+            steps = [f"{name} starts with {a} {obj} and {verb} {b}, so {a} + {b} = {a + b}."]
+        else:
+            said = a - b
+            steps = [f"{name} starts with {a} {obj} and {verb} {b}, so {a} - {b} = {a - b}."]
+    elif kind == "two_step":
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        c = rng.randint(1, min(9, a + b))
+        gain, loss = rng.choice(GAIN_VERBS), rng.choice(LOSS_VERBS)
+        q = (f"{name} has {a} {obj}. {he.capitalize()} {gain} {b} more, then {loss} {c}. "
+             f"How many {obj} does {name} have now?")
+        answer = a + b - c
+        s1 = f"After {name} {gain} {b}, {he} has {a} + {b} = {a + b} {obj}."
+        if misread(loss):
+            said = a + b + c
+            s2 = f"Then {he} {loss} {c}, so {a + b} + {c} = {said}."
+        else:
+            said = a + b - c
+            s2 = f"Then {he} {loss} {c}, so {a + b} - {c} = {said}."
+        steps = [s1, s2]
+        if rng.random() < teacher["skip_step"]:  # forgets the gain and works from the start
+            op = "+" if said > a + b else "-"
+            said = a + c if op == "+" else a - c
+            steps = [f"{name} {loss} {c}, so {a} {op} {c} = {said}."]
+    else:  # compare: Y has b more than X; together?
+        other = rng.choice([n for n in NAMES if n != name])
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        q = (f"{name} has {a} {obj}. {other} has {b} more {obj} than {name}. "
+             f"How many {obj} do they have together?")
+        answer = a + (a + b)
+        if rng.random() < teacher["wrong_quantity"]:  # adds the difference instead of the other's count
+            said = a + b
+            steps = [f"Together they have {a} + {b} = {said} {obj}."]
+        elif rng.random() < teacher["skip_step"]:
+            said = a + b
+            steps = [f"{other} has {a} + {b} = {a + b} {obj}, so together they have {said}."]
+        else:
+            said = a + (a + b)
+            steps = [f"{other} has {a} + {b} = {a + b} {obj}.", f"Together they have {a + b} + {a} = {said} {obj}."]
+    solution = "\n".join(steps) + f"\n#### {said}"
+    return q, solution, answer
+
+
+def make_split(n, seed, split, teacher=None):
+    """n problems of `split` ('train' or 'heldout') as dicts {question, answer (GSM8K text), target}.
+    Held-out problems always carry the correct solution."""
+    rng = random.Random(f"{split}-{seed}")
+    teacher = CORRECT_TEACHER if split == "heldout" else (teacher or SFT_TEACHER)
+    out, seen = [], set()
+    while len(out) < n:
+        q, sol, ans = make_problem(rng, teacher)
+        if is_heldout(q) != (split == "heldout"):
+            continue
+        if split == "heldout":  # distinct questions, so accuracy counts each problem once
+            if q in seen:
+                continue
+            seen.add(q)
+        out.append({"question": q, "answer": sol, "target": ans})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats. A base (pretrained) model sees problems as plain text; chat models see turns.
+
+def plain_prompt(question):
+    return f"Question: {question}\nAnswer:\n"
+
+
+def plain_document(ex):
+    return plain_prompt(ex["question"]) + ex["answer"]
+
+
+def chat_prompt_ids(tok, question):
+    """<|bos|><|user|>question<|end|><|assistant|>: what a chat model continues from."""
+    return [tok.bos_id, tok.user_id] + tok.encode(question) + [tok.end_id, tok.assistant_id]
+
+
+def chat_example_ids(tok, question, answer):
+    """(ids, loss_mask): the whole conversation, with the mask on the assistant's tokens only
+    (its answer and closing <|end|>, so the model learns to stop)."""
+    prompt = chat_prompt_ids(tok, question)
+    reply = tok.encode(answer) + [tok.end_id]
+    return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+
+
+def prompt_ids(tok, question, fmt):
+    if fmt == "chat":
+        return chat_prompt_ids(tok, question)
+    return [tok.bos_id] + tok.encode(plain_prompt(question))
+
+
+# ----------------------------------------------------------------------------------------------
+# Answers and rewards
+
+_NUM = re.compile(r"-?\$?\s*-?[\d,]*\.?\d+")
+
+
+def extract_answer(text):
+    """The number after the last '####' (GSM8K style), normalized: '$1,234.50' -> '1234.5'.
+    Returns None when there is no '####' or no number after it."""
+    if "####" not in text:
+        return None
+    tail = text.rsplit("####", 1)[1].strip()
+    m = re.match(r"(-)?\s*\$?\s*(-)?\s*(\d[\d,]*(?:\.\d+)?|\.\d+)", tail)
+    if not m:
+        return None
+    sign = "-" if (m.group(1) or m.group(2)) else ""
+    num = m.group(3).replace(",", "")
+    if "." in num:
+        num = num.rstrip("0").rstrip(".") or "0"
+    num = num.lstrip("0") or "0"
+    if num.startswith("."):
+        num = "0" + num
+    return "0" if num == "0" else sign + num
+
+
+def exact_match_reward(completion_text, target):
+    """1.0 when the extracted answer equals the target number, else 0.0."""
+    got = extract_answer(completion_text)
+    return float(got is not None and got == extract_answer(f"#### {target}"))
+
+
+def stop_at_end(text, fmt):
+    """A plain-format completion ends where the next 'Question:' would begin."""
+    return text.split("\nQuestion:")[0] if fmt == "plain" else text
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL I/O shared by the stages
+
+def read_jsonl(path):
+    """Rows of a JSONL file. A malformed line ends with a clear error naming the file and line."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{i} is not valid JSON ({e.msg}); fix or delete that line")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# `python tasks.py`: make the embedded default's data: tokenizer, pretraining shards, SFT and RL sets.
+
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass
+class TasksConfig:
+    out_dir: str = "out/data"
+    n_pretrain: int = 60000   # pretraining documents (problems with PRETRAIN_TEACHER solutions)
+    n_val: int = 500          # held-out problems with correct solutions: validation loss / bits per byte
+    n_sft: int = 8000         # chat examples written by SFT_TEACHER
+    n_rl: int = 4000          # RL prompts (train split; the reward knows the correct answer)
+    n_heldout: int = 400      # held-out evaluation problems
+    vocab_size: int = 512
+    tokenizer: str = "bpe"    # "bpe" (trained here) or "gpt2" (tiktoken's; needs the network once)
+    seed: int = 0
+
+
+def write_jsonl(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def main(cfg):
+    from tqdm import tqdm
+    from data import write_shards
+    from tokenizer import gpt2_tokenizer, train_tokenizer
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    pretrain = make_split(cfg.n_pretrain, cfg.seed, "train", PRETRAIN_TEACHER)
+    val = make_split(cfg.n_val, cfg.seed + 1, "heldout")
+    docs = [plain_document(ex) for ex in pretrain]
+    if cfg.tokenizer == "gpt2":
+        tok = gpt2_tokenizer()
+    else:
+        tok = train_tokenizer(docs, cfg.vocab_size)
+    print(f"tokenizer {tok.name}: {tok.vocab_size} tokens, fingerprint {tok.fingerprint}")
+    for split, rows in (("train", docs), ("val", [plain_document(ex) for ex in val])):
+        ids = tok.encode_batch(list(tqdm(rows, desc=f"tokenize {split}", leave=False)))
+        n = write_shards(ids, tok, cfg.out_dir, split)
+        print(f"{split}: {len(rows)} documents, {n} tokens")
+    write_jsonl(os.path.join(cfg.out_dir, "sft.jsonl"), make_split(cfg.n_sft, cfg.seed + 2, "train", SFT_TEACHER))
+    write_jsonl(os.path.join(cfg.out_dir, "rl.jsonl"),
+                [{"question": ex["question"], "target": ex["target"]}
+                 for ex in make_split(cfg.n_rl, cfg.seed + 3, "train", CORRECT_TEACHER)])
+    write_jsonl(os.path.join(cfg.out_dir, "heldout.jsonl"), make_split(cfg.n_heldout, cfg.seed + 4, "heldout"))
+    # bits per byte needs the raw text of the validation documents
+    write_jsonl(os.path.join(cfg.out_dir, "val_text.jsonl"), [{"text": plain_document(ex)} for ex in val])
+    print(f"wrote {cfg.out_dir}: shards, sft.jsonl ({cfg.n_sft}), rl.jsonl ({cfg.n_rl}), heldout.jsonl ({cfg.n_heldout})")
+
+
+if __name__ == "__main__":
+    from common import parse_config
+    main(parse_config(TasksConfig()))
