@@ -37,7 +37,7 @@ class GRPOConfig:
     heldout: str = "out/data/heldout.jsonl"
     out_dir: str = "out/grpo"
     resume: bool = False
-    iterations: int = 20
+    iterations: int = 40
     prompts_per_iter: int = 16
     group_size: int = 8
     temperature: float = 1.0

@@ -1,0 +1,64 @@
+# nanoforge: every stage is a script; these targets chain them.
+#   make demo   the whole pipeline on the embedded default (CPU or GPU, minutes)
+#   make test   the test suite
+# Variables: PY (python to build the venv from), TORCH (pip spec used only where torch is missing),
+#            OUT (where the demo writes), MODEL (preset), DEVICE (auto/cpu/cuda/mps).
+
+PY     ?= python3
+TORCH  ?= torch==2.13.0
+VENV   ?= .venv
+OUT    ?= out/demo
+MODEL  ?= tiny
+DEVICE ?= auto
+P       = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup demo demo-data pretrain sft grpo eval report test clean-demo bench-kernels gpu
+
+setup: $(STAMP)
+
+# --system-site-packages: a machine that already has torch (a GPU box's CUDA build) keeps it
+$(STAMP): requirements.txt
+	test -x $(P) || $(PY) -m venv --system-site-packages $(VENV)
+	$(P) -c "import torch" 2>/dev/null || $(P) -m pip install -q "$(TORCH)"
+	$(P) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+demo-data: setup
+	$(P) tasks.py --out_dir=$(OUT)/data
+
+pretrain: setup
+	$(P) pretrain.py --model=$(MODEL) --data_dir=$(OUT)/data --out_dir=$(OUT)/pretrain --device=$(DEVICE)
+
+sft: setup
+	$(P) sft.py --init_from=$(OUT)/pretrain --data=$(OUT)/data/sft.jsonl --heldout=$(OUT)/data/heldout.jsonl \
+		--out_dir=$(OUT)/sft --device=$(DEVICE)
+
+grpo: setup
+	$(P) grpo.py --init_from=$(OUT)/sft --data=$(OUT)/data/rl.jsonl --heldout=$(OUT)/data/heldout.jsonl \
+		--out_dir=$(OUT)/grpo --device=$(DEVICE)
+
+eval: setup
+	$(P) eval.py --ckpts=$(OUT)/pretrain,$(OUT)/sft,$(OUT)/grpo --data_dir=$(OUT)/data --out=$(OUT)/eval \
+		--device=$(DEVICE)
+
+report: setup
+	$(P) report.py --out_dir=$(OUT)
+
+demo: setup
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory demo-data pretrain sft grpo eval report && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s; report: $(OUT)/report.md"
+
+test: setup
+	$(P) -m pytest -q tests
+
+bench-kernels: setup
+	$(P) bench/kernels.py
+
+# the one command to run on a GPU machine: GPU tests + benchmarks, raw output under bench/results/
+gpu:
+	bash bench/gpu.sh
+
+clean-demo:
+	rm -rf $(OUT)

@@ -1,0 +1,122 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, ModelConfig, attention, generate, output_logprobs, output_loss
+
+torch.set_num_threads(2)
+
+
+def small_cfg(**kw):
+    base = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=64)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_future_tokens_never_change_past_logits():
+    torch.manual_seed(0)
+    model = GPT(small_cfg()).eval()
+    x = torch.randint(0, 97, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-5)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])  # and the future really did change
+
+
+def naive_generate(model, prompt, n, stop_id):
+    """Greedy decoding by re-running the whole sequence each step, one prompt alone."""
+    seq = list(prompt)
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
+        out.append(nxt)
+        seq.append(nxt)
+        if nxt == stop_id:
+            break
+    return out
+
+
+def test_kv_cache_generation_equals_reforward():
+    torch.manual_seed(1)
+    model = GPT(small_cfg()).eval()
+    # different prompt lengths exercise the left padding, positions and padding mask
+    prompts = [torch.randint(0, 97, (L,)).tolist() for L in (3, 9, 1, 14)]
+    stop = 5
+    got = generate(model, prompts, max_new_tokens=12, stop_id=stop, temperature=0.0)
+    for p, g in zip(prompts, got):
+        assert g == naive_generate(model, p, 12, stop)
+
+
+def test_sampling_respects_top_k():
+    torch.manual_seed(2)
+    model = GPT(small_cfg()).eval()
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        top = set(torch.topk(model(torch.tensor([prompt]))[0, -1], 3).indices.tolist())
+    gen = torch.Generator().manual_seed(0)
+    firsts = {generate(model, [prompt], 1, temperature=1.5, top_k=3, generator=gen)[0][0] for _ in range(40)}
+    assert firsts <= top and len(firsts) > 1
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    torch.manual_seed(3)
+    gqa = GPT(small_cfg(n_head=4, n_kv_head=2)).eval()
+    mha = GPT(small_cfg(n_head=4, n_kv_head=4)).eval()
+    state = gqa.state_dict()
+    hd = 32 // 4
+    for k, v in list(state.items()):
+        if k.endswith("k_proj.weight") or k.endswith("v_proj.weight"):
+            # (Hkv*hd, d) -> each kv head repeated for the 2 query heads that share it
+            state[k] = v.view(2, hd, -1).repeat_interleave(2, dim=0).reshape(4 * hd, -1)
+    mha.load_state_dict(state)
+    x = torch.randint(0, 97, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x), mha(x), rtol=1e-5, atol=1e-5)
+
+
+def naive_attention(q, k, v, causal):
+    q, k, v = q.double(), k.double(), v.double()
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    if causal:
+        T, S = s.shape[-2:]
+        s = s.masked_fill(torch.ones(T, S, dtype=torch.bool).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2)])
+def test_attention_function_matches_naive(causal, hq, hkv):
+    q = torch.randn(2, hq, 13, 16)
+    k, v = torch.randn(2, hkv, 13, 16), torch.randn(2, hkv, 13, 16)
+    got = attention(q, k, v, causal=causal)
+    torch.testing.assert_close(got.double(), naive_attention(q, k, v, causal), rtol=1e-4, atol=1e-5)
+
+
+def test_loss_and_logprob_functions_match_naive():
+    h, w = torch.randn(23, 16), torch.randn(50, 16)
+    t = torch.randint(0, 50, (23,))
+    t_ignored = t.clone()
+    t_ignored[::3] = -100
+    logp = torch.log_softmax(h.double() @ w.double().T, -1)
+    picked = logp[torch.arange(23), t]
+    keep = t_ignored != -100
+    torch.testing.assert_close(output_loss(h, w, t_ignored).double(), -picked[keep].mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(output_logprobs(h, w, t).double(), picked, rtol=1e-5, atol=1e-5)
+    all_ignored = torch.full_like(t, -100)
+    assert output_loss(h, w, all_ignored).item() == 0.0
+
+
+def test_token_logprobs_equals_log_softmax_of_logits():
+    torch.manual_seed(4)
+    model = GPT(small_cfg()).eval()
+    x = torch.randint(0, 97, (3, 11))
+    y = torch.randint(0, 97, (3, 11))
+    with torch.no_grad():
+        ref = F.log_softmax(model(x), -1).gather(-1, y[..., None])[..., 0]
+        torch.testing.assert_close(model.token_logprobs(x, y), ref, rtol=1e-5, atol=1e-5)
