@@ -134,18 +134,19 @@ def num_workers(n):
 
 
 def ordered_map(pool, fn, items, window=None):
-    """Yield (item, fn(item)) in order, computed on the pool, with at most `window` items in flight.
-    (Pool.imap reads its whole input ahead of the workers, which would hold the corpus in memory.)"""
+    """For (arg, context) items, yield (context, fn(arg)) in order, fn running on the pool, with at
+    most `window` calls in flight. (Pool.imap reads its whole input ahead of the workers, which would
+    hold the corpus in memory; the context stays in this process and is not pickled.)"""
     window = window or 2 * pool._processes + 2
     pending = deque()
-    for item in items:
-        pending.append((item, pool.apply_async(fn, (item,))))
+    for arg, ctx in items:
+        pending.append((ctx, pool.apply_async(fn, (arg,))))
         if len(pending) >= window:
-            it, res = pending.popleft()
-            yield it, res.get()
+            ctx, res = pending.popleft()
+            yield ctx, res.get()
     while pending:
-        it, res = pending.popleft()
-        yield it, res.get()
+        ctx, res = pending.popleft()
+        yield ctx, res.get()
 
 
 # -----------------------------------------------------------------------------
@@ -178,6 +179,10 @@ def download_source(name, out_dir, max_shards, hub=None):
     try:
         files = hub.list_repo_files(spec["repo"], repo_type="dataset")
     except Exception as e:  # no network, no such repo, gated repo without a token...
+        have = _data_files(dest) if os.path.isdir(dest) else []
+        if have:  # offline re-run: go on with what an earlier download (or the user) put there
+            print(f"note: cannot reach the Hub ({type(e).__name__}); using the {len(have)} files already in {dest}")
+            return have
         raise SystemExit(f"error: cannot list {spec['repo']} on the Hugging Face Hub ({type(e).__name__}: {e}). "
                          f"Without a network, put parquet/jsonl/txt files under {dest}/ and run the gate "
                          f"step on them: `python data.py gate --inputs={out_dir}`.")
@@ -283,13 +288,13 @@ def read_documents(path, text_field="text", counts=None, text_sep="<|endoftext|>
 
 def _read_jsonl(path, text_field, counts):
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+    with opener(path, "rb") as f:  # bytes: json.loads decodes UTF-8 itself, faster than a text file
         for line in f:
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:  # bad JSON or bad UTF-8
                 counts["malformed"] += 1
                 continue
             text = None
@@ -383,29 +388,64 @@ class JsonlWriter:
 
 # -----------------------------------------------------------------------------
 # Text primitives shared with dedup.py: normalized words, their 64-bit hashes, and n-gram hashes.
+# Normalized words: lowercased UTF-8, ASCII punctuation and control bytes turned into spaces, split.
 
-_PUNCT_TO_SPACE = str.maketrans({c: " " for c in string.punctuation})
+_SEPARATORS = bytes(range(33)) + string.punctuation.encode()
+_NORMALIZE = bytes.maketrans(_SEPARATORS, b" " * len(_SEPARATORS))
 _NGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial combine is a bijection per position
+_BYTE_MULT = 0x100000001B3                     # odd, so invertible mod 2^64
+_powers_cache = [np.ones(1, np.uint64), np.ones(1, np.uint64)]
 
 
 def normalize_words(text):
-    """Lowercased words with ASCII punctuation removed, as bytes (hashing needs bytes anyway)."""
-    return text.lower().translate(_PUNCT_TO_SPACE).encode("utf-8", "replace").split()
+    """The normalized words of a text, as bytes."""
+    return text.lower().encode("utf-8", "replace").translate(_NORMALIZE).split()
 
 
 def hash_words(words):
+    """xxhash64 of each word of a list (bytes): for one document at a time, as the gates need."""
     import xxhash
     return np.fromiter(map(xxhash.xxh64_intdigest, words), dtype=np.uint64, count=len(words))
 
 
 def mix64(h):
-    """splitmix64 finalizer: spreads the polynomial combine's bits so any 32 of them are uniform."""
+    """splitmix64 finalizer: spreads a polynomial hash's bits so any 32 of them are uniform."""
     h = h ^ (h >> np.uint64(30))
     h *= np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(27)
     h *= np.uint64(0x94D049BB133111EB)
     h ^= h >> np.uint64(31)
     return h
+
+
+def _byte_powers(n):
+    """M^i and M^-i mod 2^64 for i < n (cached, grown by doubling)."""
+    pw, ipw = _powers_cache
+    if len(pw) < n:
+        m = max(n, 2 * len(pw))
+        pw = np.cumprod(np.full(m, _BYTE_MULT, dtype=np.uint64))
+        ipw = np.cumprod(np.full(m, pow(_BYTE_MULT, -1, 2**64), dtype=np.uint64))
+        pw, ipw = np.concatenate([[np.uint64(1)], pw[:-1]]), np.concatenate([[np.uint64(1)], ipw[:-1]])
+        _powers_cache[:] = [pw, ipw]
+    return pw[:n], ipw[:n]
+
+
+def batch_word_hashes(texts):
+    """64-bit hashes of the normalized words of many texts, with no Python loop over words: the texts
+    are joined into one byte array; a word's hash is the polynomial sum(byte_i * M^i) read off
+    prefix sums (mod 2^64) and shifted back by M^-start, then mixed. Returns (hashes, counts), the
+    hashes of text k being hashes[sum(counts[:k]) : sum(counts[:k+1])]."""
+    joined = b"\0".join([t.lower().encode("utf-8", "replace").translate(_NORMALIZE) for t in texts]) + b"\0"
+    arr = np.frombuffer(joined, dtype=np.uint8)
+    edge = np.diff((arr > 32).view(np.int8), prepend=np.int8(0))  # +1 where a word starts, -1 after it ends
+    starts, ends = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+    pw, ipw = _byte_powers(len(arr))
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(len(arr) + 1, dtype=np.uint64)
+        np.cumsum(arr * pw, out=prefix[1:])
+        h = (prefix[ends] - prefix[starts]) * ipw[starts] + (ends - starts).astype(np.uint64)
+    doc_of_word = np.searchsorted(np.flatnonzero(arr == 0), starts)  # the \0 after each text ends it
+    return mix64(h), np.bincount(doc_of_word, minlength=len(texts))
 
 
 def ngram_hashes(word_hashes, n):
@@ -421,32 +461,29 @@ def ngram_hashes(word_hashes, n):
         return mix64(h)
 
 
-def batch_ngram_hashes(word_hash_list, n, short_docs_as_one=False):
-    """N-gram hashes of many documents at once. Returns (hashes, counts) with the hashes of document
-    i in hashes[sum(counts[:i]) : sum(counts[:i+1])]. With short_docs_as_one, a document of fewer than n
-    words gets one hash of all its words (so short documents still have a MinHash signature)."""
-    lens = np.fromiter((len(w) for w in word_hash_list), dtype=np.int64, count=len(word_hash_list))
+def batch_ngram_hashes(word_hashes, word_counts, n, short_docs_as_one=False):
+    """N-gram hashes of many documents at once (their word hashes concatenated, word_counts words
+    each). Returns (hashes, counts) like batch_word_hashes. With short_docs_as_one, a document of
+    fewer than n words gets one hash of all its words, so that it still has a MinHash signature."""
+    lens = np.asarray(word_counts, dtype=np.int64)
     counts = np.maximum(lens - n + 1, 0)
-    short = (counts == 0)
+    short = counts == 0
     if short_docs_as_one:
         counts[short] = 1
-    allw = np.concatenate(word_hash_list) if len(word_hash_list) else np.zeros(0, np.uint64)
-    h = ngram_hashes(allw.astype(np.uint64, copy=False), n)
+    h = ngram_hashes(word_hashes, n)
     # keep the windows that start at least n-1 words before their document's end
-    pos_in_doc = np.arange(len(h)) - np.repeat(np.cumsum(lens) - lens, lens)[:len(h)]
-    valid = pos_in_doc <= np.repeat(lens - n, lens)[:len(h)]
+    doc_start = np.repeat(np.cumsum(lens) - lens, lens)[:len(h)]
+    valid = np.arange(len(h)) - doc_start <= np.repeat(lens - n, lens)[:len(h)]
     out = np.empty(int(counts.sum()), dtype=np.uint64)
-    long_slots = np.repeat(~short, counts)
-    out[long_slots] = h[valid]
+    out[np.repeat(~short, counts)] = h[valid]
     if short_docs_as_one and short.any():
-        starts = np.cumsum(counts) - counts
+        first_word, first_out = np.cumsum(lens) - lens, np.cumsum(counts) - counts
         for i in np.flatnonzero(short):
-            wh = word_hash_list[i]
-            acc = np.uint64(len(wh))  # the empty document hashes to a constant of its own
+            acc = np.uint64(lens[i])  # the document with no words hashes to a constant of its own
             with np.errstate(over="ignore"):
-                for w in wh:
+                for w in word_hashes[first_word[i]:first_word[i] + lens[i]]:
                     acc = acc * _NGRAM_MULT + w
-            out[starts[i]] = mix64(np.array([acc], dtype=np.uint64))[0]
+            out[first_out[i]] = mix64(np.array([acc], dtype=np.uint64))[0]
     return out, counts
 
 
@@ -511,36 +548,46 @@ DUP_NGRAM_MAX = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
 
 
 def gate_dup_ngrams(doc, cfg):
+    """Repetition inside one document (Gopher): the top 2/3/4-gram covers too many characters, or too
+    many characters sit inside 5..10-grams that occur more than once. Boilerplate, spam, lists."""
     words = [w.encode() for w in doc.words]
     if len(words) < 2:
         return True
     wh = hash_words(words)
     wlen = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    total = wlen.sum() or 1
+    cum = np.concatenate([[0], np.cumsum(wlen)])
+    total = cum[-1] or 1
     for n, limit in TOP_NGRAM_MAX.items():
         h = ngram_hashes(wh, n)
-        if len(h) == 0:
+        if len(h) < 2:
             continue
-        uniq, inv, cnt = np.unique(h, return_inverse=True, return_counts=True)
-        top = cnt.argmax()
-        if cnt[top] <= 1:
-            continue
-        first = np.flatnonzero(inv == top)[0]
-        if cnt[top] * wlen[first:first + n].sum() / total > limit:
-            return False
+        s = np.sort(h)
+        run_start = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))
+        runs = np.diff(np.append(run_start, len(s)))
+        k = runs.argmax()
+        if runs[k] > 1:
+            first = int(np.argmax(h == s[run_start[k]]))
+            if runs[k] * (cum[first + n] - cum[first]) / total > limit:
+                return False
+    # a repeated (n+1)-gram contains a repeated n-gram, so the covered characters shrink as n grows:
+    # once they are under the smallest limit, the larger n cannot fail
     for n, limit in DUP_NGRAM_MAX.items():
         h = ngram_hashes(wh, n)
-        if len(h) == 0:
-            continue
-        _, inv, cnt = np.unique(h, return_inverse=True, return_counts=True)
-        starts = np.flatnonzero(cnt[inv] > 1)
-        if len(starts) == 0:
-            continue
+        if len(h) < 2:
+            break
+        s = np.sort(h)
+        dup_vals = s[1:][s[1:] == s[:-1]]
+        if len(dup_vals) == 0:
+            break
+        starts = np.flatnonzero(np.isin(h, dup_vals))
         covered = np.zeros(len(words) + 1, dtype=np.int64)  # +1 at a start, -1 past its end
         np.add.at(covered, starts, 1)
         np.add.at(covered, starts + n, -1)
-        if wlen[np.cumsum(covered)[:-1] > 0].sum() / total > limit:
+        frac = wlen[np.cumsum(covered)[:-1] > 0].sum() / total
+        if frac > limit:
             return False
+        if frac <= min(DUP_NGRAM_MAX.values()):
+            break
     return True
 
 
@@ -593,12 +640,12 @@ def gate_corpus(cfg):
                     for rec in read_documents(path, field, counts, cfg.text_sep, cfg.max_doc_chars):
                         batch.append(rec)
                         if len(batch) == cfg.batch_docs:
-                            yield (batch, cfg, prose)
+                            yield (batch, cfg, prose), batch
                             batch = []
-                yield (batch, cfg, prose)
+                yield (batch, cfg, prose), batch
 
             bar = tqdm(desc=f"gate {source}", unit="doc", disable=None)
-            for (batch, _, _), verdicts in ordered_map(pool, _gate_batch, batches()):
+            for batch, verdicts in ordered_map(pool, _gate_batch, batches()):
                 for rec, failed in zip(batch, verdicts):
                     n_tok = len(rec["text"].split())
                     st["docs_in"] += 1
@@ -645,6 +692,7 @@ class ShardWriter:
 
     def __init__(self, tok, out_dir, split, shard_tokens=SHARD_TOKENS):
         os.makedirs(out_dir, exist_ok=True)
+        _check_meta_tokenizer(out_dir, tok)  # before any file is overwritten
         self.tok, self.out_dir, self.split, self.shard_tokens = tok, out_dir, split, shard_tokens
         self.dtype = token_dtype(tok.vocab_size)
         self.names, self.buf, self.n_buf, self.total = [], [], 0, 0
@@ -686,13 +734,7 @@ def write_shards(token_lists, tok, out_dir, split, shard_tokens=SHARD_TOKENS):
 
 def _update_meta(out_dir, tok, split, names, total):
     path = os.path.join(out_dir, "meta.json")
-    meta = {"shards": {}, "tokens": {}}
-    if os.path.exists(path):
-        with open(path) as f:
-            meta = json.load(f)
-        if meta.get("tokenizer") != tok.fingerprint:
-            raise SystemExit(f"error: {out_dir} already holds shards of tokenizer {meta.get('tokenizer')}; "
-                             f"this tokenizer is {tok.fingerprint}. Write to an empty directory.")
+    meta = _check_meta_tokenizer(out_dir, tok) or {"shards": {}, "tokens": {}}
     meta.update(tokenizer=tok.fingerprint, tokenizer_name=tok.name, vocab_size=tok.vocab_size,
                 bos_id=tok.bos_id, dtype=np.dtype(token_dtype(tok.vocab_size)).name)
     meta["shards"][split] = names
@@ -702,6 +744,18 @@ def _update_meta(out_dir, tok, split, names, total):
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(tmp, path)
+
+
+def _check_meta_tokenizer(out_dir, tok):
+    path = os.path.join(out_dir, "meta.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("tokenizer") != tok.fingerprint:
+        raise SystemExit(f"error: {out_dir} already holds shards of tokenizer {meta.get('tokenizer')}; "
+                         f"this tokenizer is {tok.fingerprint}. Write to an empty directory.")
+    return meta
 
 
 def load_shards(data_dir, split, expect_tokenizer=None):

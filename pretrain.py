@@ -62,9 +62,8 @@ def lr_at(step, cfg):
 def flops_per_token(model, seq_len):
     """Forward+backward FLOPs per token: 6N for the weights plus attention's 12·L·d·T (PaLM appendix B)."""
     c = model.cfg
-    n = model.num_params() - c.vocab_size * c.d_model  # tied embedding lookup is not a matmul...
-    n += c.vocab_size * c.d_model                       # ...but the output projection is
-    return 6 * n + 12 * c.n_layer * c.d_model * seq_len
+    # with tied embeddings every parameter is in one matmul: the table is the output projection
+    return 6 * model.num_params() + 12 * c.n_layer * c.d_model * seq_len
 
 
 def peak_flops(cfg, device):
