@@ -49,7 +49,8 @@ class GRPOConfig:
     ppo_epochs: int = 1
     micro_batch: int = 64                    # sequences per forward/backward (gradient accumulation)
     clip_eps: float = 0.2
-    kl_coef: float = 0.0                     # k3 KL to the starting policy; 0 = no reference model
+    kl_coef: float = 0.0                     # weight of the k3 KL penalty to the starting policy (0 = none)
+    log_kl: bool = True                      # keep the starting policy as reference to log the KL even at kl_coef=0
     adv_eps: float = 1e-4
     eval_interval: int = 10
     n_eval: int = 200
@@ -129,7 +130,7 @@ def main(cfg):
     src = cfg.out_dir if cfg.resume else cfg.init_from
     model, tok, meta, ckpt = load_checkpoint(src, device, expect_stage=["sft", "grpo"], kernels=kernels)
     ref = None
-    if cfg.kl_coef > 0:
+    if cfg.kl_coef > 0 or cfg.log_kl:
         ref, _, _, _ = load_checkpoint(meta.get("ref_from", src) if cfg.resume else src, device, kernels=kernels)
         ref.requires_grad_(False).eval()
     rows = read_jsonl(cfg.data)

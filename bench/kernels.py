@@ -1,0 +1,253 @@
+"""
+Benchmark the Triton kernels against what PyTorch (and flash-attn, if installed) offer.
+
+    python3 bench/kernels.py            # from the repo root, on a CUDA machine
+
+Attention (bf16, causal): forward and forward+backward TFLOP/s, ours vs
+F.scaled_dot_product_attention pinned to its flash backend, vs flash-attn.
+Fused linear + cross-entropy (bf16, N=16384 tokens): forward+backward time and
+peak memory, ours vs F.linear + F.cross_entropy.
+Timings are triton.testing.do_bench medians. Prints a table and writes it with
+the raw numbers to bench/results/kernels-<device>.json.
+"""
+import datetime
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    sys.exit("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to measure here.")
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("bench/kernels.py: unset TRITON_INTERPRET, the interpreter is not what we want to time.")
+
+import triton
+from triton.testing import do_bench
+
+from kernels.attention import flash_attention
+from kernels.cross_entropy import fused_linear_cross_entropy
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
+ATTN_SHAPES = [(8, 9, 2048, 64), (4, 16, 4096, 128), (16, 9, 1024, 64)]  # (B, H, T, D), causal
+# GQA rows for ours (the model's layout: 9 query heads share 3 kv heads)
+ATTN_GQA = [(8, 9, 3, 2048, 64), (16, 9, 3, 1024, 64)]
+# KV-cache decoding: 1 new query per sequence against S cached keys, forward only
+DECODE_SHAPES = [(16, 9, 3, 4096, 64), (4, 16, 16, 8192, 128)]  # (B, Hq, Hkv, S, D)
+CE_SHAPES = [(16384, d, V) for d in (576, 1536) for V in (49152, 151936)]  # (N, d, V)
+
+
+def err(e):
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+
+
+def bench(fn, grad_to_none=None):
+    return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")  # ms
+
+
+def sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def sdpa_gqa(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def time_attention(name, fn, q, k, v, do, flops_fwd):
+    row = {"impl": name}
+    try:
+        qg, kg, vg = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        fn(qg, kg, vg)  # compile / autotune outside the timing
+        ms_f = bench(lambda: fn(q, k, v))
+
+        def fwd_bwd():
+            fn(qg, kg, vg).backward(do)
+        fwd_bwd()
+        ms_fb = bench(fwd_bwd, grad_to_none=[qg, kg, vg])
+        # backward does 2.5x the forward's matmul work (5 matmuls vs 2)
+        row.update(fwd_ms=ms_f, fwd_bwd_ms=ms_fb, fwd_tflops=flops_fwd / ms_f * 1e-9,
+                   fwd_bwd_tflops=3.5 * flops_fwd / ms_fb * 1e-9)
+    except Exception as e:  # a baseline that cannot run this shape is reported, not fatal
+        row["error"] = err(e)
+    return row
+
+
+def bench_attention():
+    rows = []
+    for B, Hq, Hkv, T, D in [(B, H, H, T, D) for B, H, T, D in ATTN_SHAPES] + ATTN_GQA:
+        torch.manual_seed(0)
+        q = torch.randn(B, Hq, T, D, device=DEVICE, dtype=DTYPE)
+        k = torch.randn(B, Hkv, T, D, device=DEVICE, dtype=DTYPE)
+        v = torch.randn(B, Hkv, T, D, device=DEVICE, dtype=DTYPE)
+        do = torch.randn_like(q)
+        flops_fwd = 4 * B * Hq * T * T * D / 2  # two matmuls, half the square (causal)
+        shape = dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, causal=True, dtype=str(DTYPE))
+        impls = [("triton (ours)", lambda q, k, v: flash_attention(q, k, v, causal=True))]
+        if Hq == Hkv:
+            impls.append(("sdpa flash", sdpa_flash))
+        else:
+            impls.append(("sdpa gqa", sdpa_gqa))
+        if flash_attn_func is not None:
+            # flash-attn wants (B, T, H, D); the transposes are views, it handles GQA natively
+            impls.append(("flash-attn", lambda q, k, v: flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)))
+        ref = sdpa_gqa(q, k, v) if Hq != Hkv else sdpa_flash(q, k, v)
+        for name, fn in impls:
+            row = dict(shape, **time_attention(name, fn, q, k, v, do, flops_fwd))
+            if "error" not in row:
+                row["max_abs_diff_vs_sdpa"] = (fn(q, k, v).float() - ref.float()).abs().max().item()
+            rows.append(row)
+            print(fmt_attn(row), flush=True)
+        del q, k, v, do, ref
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_decode():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = []
+    for B, Hq, Hkv, S, D in DECODE_SHAPES:
+        torch.manual_seed(0)
+        q = torch.randn(B, Hq, 1, D, device=DEVICE, dtype=DTYPE)
+        k = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=DTYPE)
+        v = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=DTYPE)
+
+        def sdpa(q, k, v):  # one query sees every key: causal (bottom-right) == no mask
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                              SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
+
+        ref = sdpa(q, k, v)
+        for name, fn in [("triton (ours)", lambda q, k, v: flash_attention(q, k, v, causal=True)), ("sdpa", sdpa)]:
+            row = dict(B=B, Hq=Hq, Hkv=Hkv, T=1, S=S, D=D, dtype=str(DTYPE), impl=name)
+            try:
+                out = fn(q, k, v)
+                row["max_abs_diff_vs_sdpa"] = (out.float() - ref.float()).abs().max().item()
+                row["fwd_ms"] = bench(lambda: fn(q, k, v))
+                # bytes of K and V read once: decoding is bandwidth-bound
+                row["kv_gbps"] = 2 * k.numel() * k.element_size() / row["fwd_ms"] * 1e-6
+            except Exception as e:
+                row["error"] = err(e)
+            rows.append(row)
+            print(fmt_decode(row), flush=True)
+    return rows
+
+
+def ce_baseline(h, w, t):
+    return F.cross_entropy(F.linear(h, w).float(), t)
+
+
+def ce_baseline_bf16_logits(h, w, t):
+    return F.cross_entropy(F.linear(h, w), t)
+
+
+def bench_cross_entropy():
+    rows = []
+    impls = [("triton fused (ours)", fused_linear_cross_entropy),
+             ("F.linear + F.cross_entropy", ce_baseline_bf16_logits),
+             ("F.linear + .float() + F.cross_entropy", ce_baseline)]
+    for N, d, V in CE_SHAPES:
+        torch.manual_seed(0)
+        h = torch.randn(N, d, device=DEVICE, dtype=DTYPE, requires_grad=True)
+        w = (torch.randn(V, d, device=DEVICE) / d ** 0.5).to(DTYPE).requires_grad_()
+        t = torch.randint(0, V, (N,), device=DEVICE)
+        ref = None
+        for name, fn in impls:
+            row = dict(N=N, d=d, V=V, dtype=str(DTYPE), impl=name)
+            try:
+                def fwd_bwd():
+                    fn(h, w, t).backward()
+                h.grad = w.grad = None
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                loss = fn(h, w, t)
+                loss.backward()
+                torch.cuda.synchronize()
+                # peak above what was allocated before (inputs), grads of h and w included
+                row["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+                row["loss"] = loss.item()
+                if ref is None:
+                    ref = (loss.item(), h.grad.float(), w.grad.float())
+                else:
+                    row["loss_diff_vs_ours"] = abs(loss.item() - ref[0])
+                    row["dh_max_diff_vs_ours"] = (h.grad.float() - ref[1]).abs().max().item()
+                    row["dw_max_diff_vs_ours"] = (w.grad.float() - ref[2]).abs().max().item()
+                row["fwd_bwd_ms"] = bench(fwd_bwd, grad_to_none=[h, w])
+            except torch.cuda.OutOfMemoryError as e:
+                row["error"] = "OOM"
+            except Exception as e:
+                row["error"] = err(e)
+            h.grad = w.grad = None
+            rows.append(row)
+            print(fmt_ce(row), flush=True)
+        del h, w, t, ref
+        torch.cuda.empty_cache()
+    return rows
+
+
+def fmt_attn(r):
+    shape = f"B={r['B']:<3d} Hq={r['Hq']:<3d} Hkv={r['Hkv']:<3d} T={r['T']:<5d} D={r['D']:<4d}"
+    if "error" in r:
+        return f"{shape} {r['impl']:<15s} ERROR {r['error']}"
+    return (f"{shape} {r['impl']:<15s} fwd {r['fwd_ms']:8.3f} ms {r['fwd_tflops']:7.1f} TFLOP/s | "
+            f"fwd+bwd {r['fwd_bwd_ms']:8.3f} ms {r['fwd_bwd_tflops']:7.1f} TFLOP/s | "
+            f"max|diff| vs sdpa {r.get('max_abs_diff_vs_sdpa', float('nan')):.2e}")
+
+
+def fmt_decode(r):
+    shape = f"B={r['B']:<3d} Hq={r['Hq']:<3d} Hkv={r['Hkv']:<3d} T=1 S={r['S']:<5d} D={r['D']:<4d}"
+    if "error" in r:
+        return f"{shape} {r['impl']:<15s} ERROR {r['error']}"
+    return (f"{shape} {r['impl']:<15s} fwd {r['fwd_ms']:8.4f} ms  K+V read at {r['kv_gbps']:7.1f} GB/s | "
+            f"max|diff| vs sdpa {r['max_abs_diff_vs_sdpa']:.2e}")
+
+
+def fmt_ce(r):
+    shape = f"N={r['N']} d={r['d']:<5d} V={r['V']:<7d}"
+    if "error" in r:
+        return f"{shape} {r['impl']:<38s} ERROR {r['error']}"
+    return f"{shape} {r['impl']:<38s} fwd+bwd {r['fwd_bwd_ms']:8.3f} ms   peak {r['peak_mem_gib']:7.2f} GiB"
+
+
+def main():
+    dev = torch.cuda.get_device_name()
+    meta = dict(device=dev, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                flash_attn=getattr(sys.modules.get("flash_attn"), "__version__", None),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    print(" ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
+    print("\n== attention, causal, bf16 (median of do_bench) ==", flush=True)
+    attn = bench_attention()
+    print("\n== decode (1 query vs KV cache), bf16, forward ==", flush=True)
+    decode = bench_decode()
+    print("\n== fused linear + cross-entropy, bf16, fwd+bwd ==", flush=True)
+    ce = bench_cross_entropy()
+    table = "\n".join([fmt_attn(r) for r in attn] + [""] + [fmt_decode(r) for r in decode] + [""]
+                      + [fmt_ce(r) for r in ce])
+    slug = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"kernels-{slug}.json")
+    with open(path, "w") as f:
+        json.dump(dict(meta, table=table, attention=attn, decode=decode, cross_entropy=ce), f, indent=1)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
