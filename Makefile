@@ -21,7 +21,7 @@ setup: $(STAMP)
 # --system-site-packages: a machine that already has torch (a GPU box's CUDA build) keeps it
 $(STAMP): requirements.txt
 	test -x $(P) || $(PY) -m venv --system-site-packages $(VENV)
-	$(P) -c "import torch" 2>/dev/null || $(P) -m pip install -q "$(TORCH)"
+	$(P) -c "import torch" 2>/dev/null || $(P) -m pip install -q $(TORCH)
 	$(P) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 

@@ -65,7 +65,7 @@ def pick_device(name="auto"):
 def pick_kernels(name, device):
     """'auto' = the Triton kernels on CUDA, PyTorch elsewhere."""
     if name == "auto":
-        name = "triton" if device == "cuda" else "torch"
+        name = "triton" if torch.device(device).type == "cuda" else "torch"
     if name not in ("torch", "triton"):
         raise SystemExit(f"error: --kernels must be auto, torch or triton, got '{name}'")
     return name
@@ -73,7 +73,7 @@ def pick_kernels(name, device):
 
 def autocast(device):
     """bf16 autocast on CUDA; plain fp32 elsewhere (CPU bf16 is slow, MPS bf16 is patchy)."""
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 
@@ -94,8 +94,14 @@ class Metrics:
     def __init__(self, out_dir, resume_step=None):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(self.path):  # drop lines a crashed run wrote past the checkpoint
+            keep = []
             with open(self.path) as f:
-                keep = [l for l in f if json.loads(l).get("step", 0) <= resume_step]
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            keep.append(line)
+                    except json.JSONDecodeError:  # the half-written last line of a killed run
+                        pass
             with open(self.path, "w") as f:
                 f.writelines(keep)
         elif os.path.exists(self.path):
@@ -140,10 +146,15 @@ def save_checkpoint(out_dir, *, stage, step, model, tok, train_cfg, optimizer=No
     for name in os.listdir(tmp):
         with open(os.path.join(tmp, name), "rb") as f:
             os.fsync(f.fileno())
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
+    if os.path.exists(final):  # else a crash left only ckpt.old: keep it until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
+    dir_fd = os.open(out_dir, os.O_RDONLY)  # make the renames durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -127,11 +127,14 @@ def main(cfg):
     kernels = pick_kernels(cfg.kernels, device)
     seed_everything(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.group_size < 2:
+        raise SystemExit("error: --group_size must be >= 2: advantages are relative to the other samples of a group")
     src = cfg.out_dir if cfg.resume else cfg.init_from
     model, tok, meta, ckpt = load_checkpoint(src, device, expect_stage=["sft", "grpo"], kernels=kernels)
     ref = None
+    ref_from = meta.get("ref_from", src) if cfg.resume else src  # the policy GRPO started from, kept across resumes
     if cfg.kl_coef > 0 or cfg.log_kl:
-        ref, _, _, _ = load_checkpoint(meta.get("ref_from", src) if cfg.resume else src, device, kernels=kernels)
+        ref, _, _, _ = load_checkpoint(ref_from, device, kernels=kernels)
         ref.requires_grad_(False).eval()
     rows = read_jsonl(cfg.data)
     problems = read_jsonl(cfg.heldout)[:cfg.n_eval] if cfg.n_eval > 0 else []
@@ -205,7 +208,7 @@ def main(cfg):
         if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.iterations:
             evaluate(it + 1)
             save_checkpoint(cfg.out_dir, stage="grpo", step=it + 1, model=model, tok=tok, train_cfg=cfg,
-                            optimizer=optimizer, extra={"fmt": "chat", "ref_from": cfg.init_from})
+                            optimizer=optimizer, extra={"fmt": "chat", "ref_from": ref_from})
     bar.close()
     log(f"grpo done: checkpoint in {os.path.join(cfg.out_dir, 'ckpt')}")
 

@@ -69,7 +69,7 @@ def flops_per_token(model, seq_len):
 def peak_flops(cfg, device):
     if cfg.peak_tflops > 0:
         return cfg.peak_tflops * 1e12
-    if device != "cuda":
+    if torch.device(device).type != "cuda":
         return None
     name = torch.cuda.get_device_name()
     for key, tf in (("H200", 989), ("H100", 989), ("A100", 312), ("L4", 121), ("4090", 165), ("3090", 71)):
@@ -83,7 +83,7 @@ def make_optimizer(model, cfg, device):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=torch.device(device).type == "cuda")
 
 
 @torch.no_grad()

@@ -9,7 +9,10 @@ make known, documented mistakes; held-out answers are always correct:
     misread a taking-away verb as adding           60% each verb     60% for "gives away"/"loses",
       ("gives away 3" treated as "gets 3")                           10% for "eats"/"sells"
     skip a step (two-step problems)                20%               10%
-    reuse the wrong quantity (comparison problems)  20%               10%
+    add the difference instead of the other's       36%               19%
+      count (comparison problems: "wrong quantity"   (20% + 80% x 20%  (10% + 90% x 10%
+      at its rate, else "skip step" at its rate,      skip)             skip)
+      both ending in a + b)
 
 So pretraining learns the format and the arithmetic but, on taking-away problems, the wrong
 reading is the majority; SFT distils a better teacher that still misreads two verbs most of the

@@ -124,6 +124,7 @@ def test_token_logprobs_equals_log_softmax_of_logits():
 
 def test_triton_kernels_path_matches_torch_path():
     """The model wired to kernels/ (interpreted on CPU) gives the PyTorch path's loss, log-probs and grads."""
+    pytest.importorskip("triton")
     torch.manual_seed(5)
     cfg = dict(vocab_size=61, n_layer=1, n_head=2, n_kv_head=1, d_model=64, d_ff=96, max_seq_len=32)
     ref = GPT(small_cfg(**cfg, kernels="torch"))
@@ -141,3 +142,15 @@ def test_triton_kernels_path_matches_torch_path():
     with torch.no_grad():
         torch.testing.assert_close(tri.token_logprobs(x, y.clamp(min=0)), ref.token_logprobs(x, y.clamp(min=0)),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    from model import sample_next
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    gen = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, 1.0, 0, 0.75, gen)) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.75: tokens 2 and 3 are never drawn
+    seen = {int(sample_next(logits, 1.0, 0, 0.9, gen)) for _ in range(300)}
+    assert seen == {0, 1, 2}
+    assert {int(sample_next(logits, 1.0, 0, 0.4, gen)) for _ in range(50)} == {0}
