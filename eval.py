@@ -108,6 +108,7 @@ def main(cfg):
     kernels = pick_kernels(cfg.kernels, device)
     problems = read_jsonl(os.path.join(cfg.data_dir, "heldout.jsonl"))[:cfg.n_heldout]
     val_texts = [r["text"] for r in read_jsonl(os.path.join(cfg.data_dir, "val_text.jsonl"))]
+    log(f"eval: {len(problems)} held-out problems, pass@{cfg.k}, device {device}, kernels {kernels}")
     rows = []
     for path in [p for p in cfg.ckpts.split(",") if p]:
         t0 = time.time()
