@@ -779,12 +779,12 @@ def load_shards(data_dir, split, expect_tokenizer=None):
 def sample_batch(shards, batch_size, seq_len, rng):
     """Random (x, y) windows of seq_len+1 tokens, drawn across shards in proportion to their size.
     `rng` is a numpy Generator so that a resumed run draws the same batches."""
-    sizes = np.array([len(s) - seq_len - 1 for s in shards])
-    if sizes.max() <= 0:
+    n_starts = np.array([len(s) - seq_len for s in shards])  # windows of seq_len+1 tokens each shard holds
+    if n_starts.max() <= 0:
         raise SystemExit(f"error: shards hold fewer than seq_len+1 = {seq_len + 1} tokens")
-    p = np.clip(sizes, 0, None) / np.clip(sizes, 0, None).sum()
-    which = rng.choice(len(shards), size=batch_size, p=p)
-    starts = [rng.integers(0, sizes[w]) for w in which]
+    n_starts = np.clip(n_starts, 0, None)
+    which = rng.choice(len(shards), size=batch_size, p=n_starts / n_starts.sum())
+    starts = [rng.integers(0, n_starts[w]) for w in which]
     rows = np.stack([np.asarray(shards[w][s:s + seq_len + 1], dtype=np.int64) for w, s in zip(which, starts)])
     return rows[:, :-1], rows[:, 1:]
 

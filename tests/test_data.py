@@ -319,3 +319,16 @@ def test_real_text_corpus_reads_as_documents():
     assert 2000 < len(docs) < 2400 and all(d.strip() for d in docs)
     kept = sum(data.first_failed_gate({"text": d}, DataConfig()) is None for d in docs[:200])
     assert kept > 20  # short children's stories: the length gate drops many, not all
+
+
+def test_sample_batch_reaches_every_window_and_no_further():
+    import numpy as np
+    from data import sample_batch
+    shard = np.arange(10, dtype=np.uint16)  # windows of 4+1 tokens start at 0..5
+    rng = np.random.default_rng(0)
+    firsts = set()
+    for _ in range(200):
+        x, y = sample_batch([shard], 8, 4, rng)
+        assert (y == x + 1).all()
+        firsts |= set(x[:, 0].tolist())
+    assert firsts == {0, 1, 2, 3, 4, 5}
