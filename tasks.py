@@ -6,13 +6,16 @@ A miniature of VibeThinker's spectrum-to-signal. Training solutions are written 
 make known, documented mistakes; held-out answers are always correct:
 
     mistake                                        pretrain corpus   SFT data
-    misread a taking-away verb as adding           60% each verb     60% for "gives away"/"loses",
+    misread a taking-away verb as adding           70% each verb     70% for "gives away"/"loses",
       ("gives away 3" treated as "gets 3")                           10% for "eats"/"sells"
     skip a step (two-step problems)                20%               10%
     add the difference instead of the other's       36%               19%
       count (comparison problems: "wrong quantity"   (20% + 80% x 20%  (10% + 90% x 10%
       at its rate, else "skip step" at its rate,      skip)             skip)
       both ending in a + b)
+
+The wrong reading is a clear majority (70%, not a near coin-flip like 60%) so that greedy decoding
+picks it reliably whatever the seed, and stage-to-stage gains are not lost in seed noise.
 
 So pretraining learns the format and the arithmetic but, on taking-away problems, the wrong
 reading is the majority; SFT distils a better teacher that still misreads two verbs most of the
@@ -38,9 +41,9 @@ OBJECTS = ["apples", "marbles", "books", "stickers", "pencils", "cookies", "shel
 GAIN_VERBS = ["gets", "finds", "buys", "wins"]
 LOSS_VERBS = ["gives away", "loses", "eats", "sells"]
 
-PRETRAIN_TEACHER = {"misread": {"gives away": 0.6, "loses": 0.6, "eats": 0.6, "sells": 0.6},
+PRETRAIN_TEACHER = {"misread": {"gives away": 0.7, "loses": 0.7, "eats": 0.7, "sells": 0.7},
                     "skip_step": 0.2, "wrong_quantity": 0.2}
-SFT_TEACHER = {"misread": {"gives away": 0.6, "loses": 0.6, "eats": 0.1, "sells": 0.1},
+SFT_TEACHER = {"misread": {"gives away": 0.7, "loses": 0.7, "eats": 0.1, "sells": 0.1},
                "skip_step": 0.1, "wrong_quantity": 0.1}
 CORRECT_TEACHER = {"misread": {v: 0.0 for v in LOSS_VERBS}, "skip_step": 0.0, "wrong_quantity": 0.0}
 
