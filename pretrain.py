@@ -52,10 +52,12 @@ class PretrainConfig:
     peak_tflops: float = 0.0       # for MFU; 0 = guess from the GPU name (H100/H200/A100), none on CPU
 
 
-def lr_at(step, cfg):
+def lr_at(step, cfg, max_steps=None):
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps (default cfg.max_steps)."""
+    max_steps = cfg.max_steps if max_steps is None else max_steps
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 

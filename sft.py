@@ -19,7 +19,7 @@ from tqdm import tqdm
 from common import (Metrics, autocast, check_finite, load_checkpoint, log, parse_config, pick_device,
                     pick_kernels, save_checkpoint, seed_everything)
 from eval import heldout_accuracy
-from pretrain import make_optimizer
+from pretrain import lr_at, make_optimizer
 from tasks import chat_example_ids, read_jsonl
 
 
@@ -102,11 +102,7 @@ def main(cfg):
     model.train()
     bar = tqdm(range(steps), desc="sft", dynamic_ncols=True)
     for step in bar:
-        if step < cfg.warmup_steps:
-            lr = cfg.lr * (step + 1) / cfg.warmup_steps
-        else:
-            progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
-            lr = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+        lr = lr_at(step, cfg, max_steps=steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
         if len(order) < cfg.batch_size:  # reshuffle each epoch
