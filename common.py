@@ -11,13 +11,19 @@ A checkpoint is a directory `<out_dir>/ckpt/`:
 It is written into `ckpt.tmp/` and then swapped in with renames, so a crash mid-write leaves the
 previous checkpoint whole (at worst as `ckpt.old/`, which load_checkpoint falls back to).
 """
+import contextlib
 import dataclasses
+import errno
+import inspect
 import json
+import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
+import tokenize
 
 import numpy as np
 import torch
@@ -27,21 +33,33 @@ from tokenizer import tokenizer_from_json
 
 
 def parse_config(cfg, argv=None):
-    """Override dataclass fields from `--key=value` arguments; unknown keys are an error."""
+    """Override dataclass fields from `--key=value` arguments, then validate (validate_config).
+
+    `--help` prints every field with its default and the comment written beside it. Unknown keys, values
+    of the wrong type and invalid values end with one line. The keys given are remembered (given_keys),
+    so a resumed run knows which settings the user asked to change."""
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(cfg)}
+    given = set()
     for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"error: expected --key=value, got '{arg}'. Keys: {', '.join(fields)}")
-        key, val = arg[2:].split("=", 1)
+        if arg in ("-h", "--help"):
+            print(config_help(cfg))
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: expected --key=value, got '{arg}'. Keys: {', '.join(fields)} (--help for all)")
+        key, eq, val = arg[2:].partition("=")
+        key = key.replace("-", "_")
         if key not in fields:
-            raise SystemExit(f"error: unknown config key '{key}'. Valid keys: {', '.join(fields)}")
+            raise SystemExit(f"error: unknown config key '{key}'. Valid keys: {', '.join(fields)} (--help for all)")
         old = getattr(cfg, key)
+        if not eq and not isinstance(old, bool):
+            raise SystemExit(f"error: --{key} needs a value: --{key}=VALUE")
         try:
             if isinstance(old, bool):
-                if val.lower() not in ("true", "false", "1", "0"):
+                val = val or "true"  # a bare --flag means true
+                if val.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(val)
-                new = val.lower() in ("true", "1")
+                new = val.lower() in ("true", "1", "yes")
             elif old is None:
                 new = val
             else:
@@ -49,7 +67,154 @@ def parse_config(cfg, argv=None):
         except ValueError:
             raise SystemExit(f"error: --{key} expects a {type(old).__name__}, got '{val}'")
         setattr(cfg, key, new)
+        given.add(key)
+    cfg.__dict__["_given_keys"] = given
+    validate_config(cfg)
     return cfg
+
+
+def given_keys(cfg):
+    """The fields the user set: those parse_config saw on the command line, or (a config built in Python)
+    those that differ from the dataclass defaults."""
+    if "_given_keys" in cfg.__dict__:
+        return set(cfg.__dict__["_given_keys"])
+    default = type(cfg)()
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def field_comments(cls):
+    """{field: help} from `metadata={"help": ...}` or else the comment written beside the field in the source
+    (continued on following comment-only lines at the same column)."""
+    out = {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if "help" in f.metadata}
+    try:
+        lines, _ = inspect.getsourcelines(cls)
+    except (OSError, TypeError):  # no source (frozen app, REPL): defaults only
+        return out
+    comments = {}  # line index -> (column, text)
+    try:
+        for t in tokenize.generate_tokens(iter(lines).__next__):
+            if t.type == tokenize.COMMENT:
+                comments[t.start[0] - 1] = (t.start[1], t.string.lstrip("#").strip())
+    except (tokenize.TokenError, IndentationError):
+        return out
+    names = {f.name for f in dataclasses.fields(cls)}
+    for i, line in enumerate(lines):
+        m = re.match(r"\s+(\w+)\s*:", line)
+        if not m or m.group(1) not in names or m.group(1) in out or i not in comments:
+            continue
+        col, text = comments[i]
+        j = i + 1
+        while j in comments and lines[j].strip().startswith("#") and comments[j][0] == col:
+            text += " " + comments[j][1]
+            j += 1
+        out[m.group(1)] = text
+    return out
+
+
+def config_help(cfg):
+    cls = type(cfg)
+    module = sys.modules.get(cls.__module__)
+    doc = (module.__doc__ or "").strip() if module is not None else ""
+    script = os.path.basename(getattr(module, "__file__", None) or sys.argv[0])
+    lines = [doc, ""] if doc else []
+    lines.append(f"usage: python {script} [--key=value ...]   (options of {cls.__name__}, defaults shown)")
+    comments = field_comments(cls)
+    show = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731  (copy-pastable true/false)
+    rows = [(f"--{f.name}={show(getattr(cfg, f.name))}", f.type if isinstance(f.type, str) else f.type.__name__,
+             comments.get(f.name, "")) for f in dataclasses.fields(cfg)]
+    width = max(len(r[0]) for r in rows)
+    for opt, typ, text in rows:
+        lines.append(f"  {opt:<{width}}  {typ:<5}  {text}".rstrip())
+    return "\n".join(lines)
+
+
+# Generic value rules, applied to whichever of these fields a config has (every stage's config, and data.py's).
+POSITIVE_FIELDS = {"batch_size", "seq_len", "grad_accum", "max_steps", "eval_batches", "iterations",
+                   "prompts_per_iter", "group_size", "max_new_tokens", "micro_batch", "ppo_epochs", "keep_last",
+                   "epochs", "n_heldout", "vocab_size", "batch_docs", "shard_tokens"}
+NON_NEGATIVE_FIELDS = {"warmup_steps", "n_eval", "k", "lr", "min_lr", "weight_decay", "grad_clip", "kl_coef",
+                       "temperature", "adv_eps", "clip_eps", "peak_tflops", "workers"}
+DEVICE_RE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def validate_config(cfg):
+    """One line for the first invalid value: sizes, counts and intervals > 0 (any field named *_interval or
+    *_size too), rates >= 0, floats finite, a known device and kernel choice."""
+    for f in dataclasses.fields(cfg):
+        name, val = f.name, getattr(cfg, f.name)
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            continue
+        if isinstance(val, float) and not math.isfinite(val):
+            raise SystemExit(f"error: --{name}={val} is not a finite number")
+        if (name in POSITIVE_FIELDS or name.endswith("_interval") or name.endswith("_size")) and val <= 0:
+            raise SystemExit(f"error: --{name}={val} must be > 0")
+        if name in NON_NEGATIVE_FIELDS and val < 0:
+            raise SystemExit(f"error: --{name}={val} must be >= 0")
+    if hasattr(cfg, "top_p") and not 0 < cfg.top_p <= 1:
+        raise SystemExit(f"error: --top_p={cfg.top_p} must be in (0, 1]")
+    device = getattr(cfg, "device", "auto")
+    if isinstance(device, str) and not DEVICE_RE.match(device):
+        raise SystemExit(f"error: --device={device} is not a known device; use auto, cpu, cuda, cuda:N or mps")
+    kernels = getattr(cfg, "kernels", "auto")
+    if isinstance(kernels, str) and kernels not in ("auto", "torch", "triton"):
+        raise SystemExit(f"error: --kernels must be auto, torch or triton, got '{kernels}'")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes: THE helper for every file that is (re)written in place.
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w"):
+    """Write `path` all or nothing: into a temporary file in the same directory, fsync, os.replace over
+    `path`, fsync the directory. A crash (or a full disk) at any point leaves the old `path` untouched.
+    A full disk ends with one line saying so."""
+    path = os.fspath(path)
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(d)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise SystemExit(f"error: disk full (ENOSPC) while writing {path}; it was left as it was. "
+                             f"Free some space and run again.") from e
+        raise
+
+
+def atomic_write(path, data):
+    """Text (str), bytes, or any JSON-able object (written as indented JSON), atomically (atomic_open)."""
+    if isinstance(data, (bytes, bytearray)):
+        mode = "wb"
+    elif isinstance(data, str):
+        mode = "w"
+    else:
+        data, mode = json.dumps(data, indent=1, default=str) + "\n", "w"
+    with atomic_open(path, mode) as f:
+        f.write(data)
+
+
+def fsync_dir(d):
+    """Make renames inside directory d durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def pick_device(name="auto"):
@@ -89,21 +254,22 @@ def log(msg):
 
 
 class Metrics:
-    """Appends one JSON object per line to <out_dir>/metrics.jsonl and prints a short line."""
+    """Appends one JSON object per line to <out_dir>/metrics.jsonl and prints a short line.
+
+    A fresh run starts an empty file (start_run has already refused to replace another run's metrics
+    unless --overwrite=true); a resumed run keeps the lines up to the checkpoint's step and drops those
+    a killed run wrote past it, rewriting the file atomically (a kill during the rewrite loses nothing)."""
 
     def __init__(self, out_dir, resume_step=None):
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        if resume_step is not None and os.path.exists(self.path):  # drop lines a crashed run wrote past the checkpoint
-            keep = []
-            with open(self.path) as f:
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f, atomic_open(self.path) as out:
                 for line in f:
                     try:
                         if json.loads(line).get("step", 0) <= resume_step:
-                            keep.append(line)
+                            out.write(line if line.endswith("\n") else line + "\n")
                     except json.JSONDecodeError:  # the half-written last line of a killed run
                         pass
-            with open(self.path, "w") as f:
-                f.writelines(keep)
         elif os.path.exists(self.path):
             os.remove(self.path)
 

@@ -8,6 +8,7 @@ number after '####'), pass@k from k samples at `temperature`, and validation los
 bits per byte on held-out documents. A pretrained checkpoint is prompted in the plain text format
 it was trained on, SFT/GRPO checkpoints in the chat format. Writes <out>.json and <out>.md.
 """
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import autocast, load_checkpoint, log, parse_config, pick_device, pick_kernels
+from common import atomic_write, autocast, load_checkpoint, log, parse_config, pick_device, pick_kernels
 from model import generate
 from tasks import exact_match_reward, prompt_ids, read_jsonl, stop_at_end
 
@@ -123,11 +124,8 @@ def main(cfg):
         rows.append(row)
     table = format_table(rows, cfg.k)
     print("\n" + table + "\n")
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    with open(cfg.out + ".json", "w") as f:
-        json.dump({"config": cfg.__dict__, "rows": rows}, f, indent=1)
-    with open(cfg.out + ".md", "w") as f:
-        f.write(table + "\n")
+    atomic_write(cfg.out + ".json", {"config": dataclasses.asdict(cfg), "rows": rows})
+    atomic_write(cfg.out + ".md", table + "\n")
     return rows
 
 

@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from common import parse_config
+from common import atomic_write, parse_config
 
 
 @dataclass
@@ -64,9 +64,9 @@ def main(cfg):
         sft_alpha = "\n".join(f"- alpha = {a}: " + ", ".join(f"{k} {v:.1f}%" for k, v in r.items())
                               for a, r in meta.get("alpha_report", {}).items())
         sft_alpha = f"\n## SFT weight interpolation (chosen alpha = {meta.get('alpha')})\n\n{sft_alpha}\n"
-    with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
-        f.write(f"# nanoforge report: {cfg.out_dir}\n\n![curves](report.png)\n\n## Held-out evaluation\n\n"
-                f"{table}\n{sft_alpha}")
+    atomic_write(os.path.join(cfg.out_dir, "report.md"),
+                 f"# nanoforge report: {cfg.out_dir}\n\n![curves](report.png)\n\n## Held-out evaluation\n\n"
+                 f"{table}\n{sft_alpha}")
     print(f"report: {os.path.join(cfg.out_dir, 'report.md')} and {png}\n")
     print(table)
 

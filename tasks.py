@@ -243,11 +243,10 @@ class TasksConfig:
 
 
 def write_jsonl(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    from common import atomic_open
+    with atomic_open(path) as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def main(cfg):

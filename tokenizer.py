@@ -53,10 +53,8 @@ class Tokenizer:
                            "mergeable_ranks": ranks}, sort_keys=True)
 
     def save(self, path):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        from common import atomic_write  # here, not at the top: common imports this module
+        atomic_write(path, self.to_json())
 
 
 def tokenizer_from_json(text):
