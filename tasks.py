@@ -139,6 +139,61 @@ def make_split(n, seed, split, teacher=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# The second embedded task kind (off by default, `--code_share`): "what does this Python program
+# print?" (kind "code_output"; verifiers.py checks an answer by running the program in its sandbox).
+# The same spectrum-to-signal miniature: teachers misread an augmented subtraction `x -= b` as an
+# addition (70% in pretraining and SFT), while SFT's teacher reads `x = x - b` right 90% of the time;
+# RL has to move the model onto the right reading of `-=`.
+
+CODE_VARS = ["x", "n", "total", "count", "k", "score"]
+PRETRAIN_CODE_TEACHER = {"-=": 0.7, "x = x -": 0.7}
+SFT_CODE_TEACHER = {"-=": 0.7, "x = x -": 0.1}
+CORRECT_CODE_TEACHER = {"-=": 0.0, "x = x -": 0.0}
+
+
+def make_code_problem(rng, teacher):
+    """One program of 2-3 updates to a variable: (question, solution text ending '#### N', code, value
+    printed). Operands are single digits and the value never goes below 0."""
+    v = rng.choice(CODE_VARS)
+    value = rng.randint(1, 9)
+    lines, steps = [f"{v} = {value}"], [f"{v} starts at {value}."]
+    said = value
+    for _ in range(rng.randint(2, 3)):
+        op = rng.choice(["+=", "-=", "= +", "= -"]) if value > 0 else rng.choice(["+=", "= +"])
+        sub = "-" in op
+        b = rng.randint(1, min(9, value)) if sub else rng.randint(1, 9)
+        stmt = f"{v} {op}" if op in ("+=", "-=") else f"{v} = {v} {op[-1]}"
+        stmt += f" {b}"
+        misread = sub and rng.random() < teacher["-=" if op == "-=" else "x = x -"]
+        new_said = said - b if sub and not misread else said + b
+        steps.append(f"`{stmt}` gives {said} {'-' if sub and not misread else '+'} {b} = {new_said}.")
+        value = value - b if sub else value + b
+        said = new_said
+        lines.append(stmt)
+    code = "\n".join(lines + [f"print({v})"])
+    question = f"What does this Python program print?\n{code}"
+    return question, "\n".join(steps) + f"\n#### {said}", code, value
+
+
+def make_code_split(n, seed, split, teacher=None):
+    """n code-output problems of `split` as rows {question, answer, target, kind: "code_output", code};
+    held-out problems carry correct solutions and are distinct."""
+    rng = random.Random(f"code-{split}-{seed}")
+    teacher = CORRECT_CODE_TEACHER if split == "heldout" else (teacher or SFT_CODE_TEACHER)
+    out, seen = [], set()
+    while len(out) < n:
+        q, sol, code, value = make_code_problem(rng, teacher)
+        if is_heldout(q) != (split == "heldout"):
+            continue
+        if split == "heldout":
+            if q in seen:
+                continue
+            seen.add(q)
+        out.append({"question": q, "answer": sol, "target": value, "kind": "code_output", "code": code})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Formats. A base (pretrained) model sees problems as plain text; chat models see turns.
 
 def plain_prompt(question):
@@ -240,6 +295,7 @@ class TasksConfig:
     vocab_size: int = 512
     tokenizer: str = "bpe"    # "bpe" (trained here) or "gpt2" (tiktoken's; needs the network once)
     seed: int = 0
+    code_share: float = 0.0   # share of every set made of code-output problems (the second task kind; 0 = none)
 
 
 def write_jsonl(path, rows):
@@ -255,8 +311,21 @@ def main(cfg):
     from tokenizer import gpt2_tokenizer, train_tokenizer
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    pretrain = make_split(cfg.n_pretrain, cfg.seed, "train", PRETRAIN_TEACHER)
-    val = make_split(cfg.n_val, cfg.seed + 1, "heldout")
+    if not 0.0 <= cfg.code_share < 1.0:
+        raise SystemExit(f"error: --code_share={cfg.code_share} must be in [0, 1)")
+
+    def with_code(rows, seed, split, teacher=None):
+        """rows with a code_share of them replaced by code-output problems (shuffled in; none at 0)."""
+        n_code = round(len(rows) * cfg.code_share)
+        if n_code == 0:
+            return rows
+        mixed = rows[:len(rows) - n_code] + make_code_split(n_code, seed, split, teacher)
+        random.Random(f"mix-{split}-{seed}").shuffle(mixed)
+        return mixed
+
+    pretrain = with_code(make_split(cfg.n_pretrain, cfg.seed, "train", PRETRAIN_TEACHER), cfg.seed, "train",
+                         PRETRAIN_CODE_TEACHER)
+    val = with_code(make_split(cfg.n_val, cfg.seed + 1, "heldout"), cfg.seed + 1, "heldout")
     docs = [plain_document(ex) for ex in pretrain]
     if cfg.tokenizer == "gpt2":
         tok = gpt2_tokenizer()
@@ -267,11 +336,14 @@ def main(cfg):
         ids = tok.encode_batch(list(tqdm(rows, desc=f"tokenize {split}", leave=False)))
         n = write_shards(ids, tok, cfg.out_dir, split)
         print(f"{split}: {len(rows)} documents, {n} tokens")
-    write_jsonl(os.path.join(cfg.out_dir, "sft.jsonl"), make_split(cfg.n_sft, cfg.seed + 2, "train", SFT_TEACHER))
-    write_jsonl(os.path.join(cfg.out_dir, "rl.jsonl"),
-                [{"question": ex["question"], "target": ex["target"]}
-                 for ex in make_split(cfg.n_rl, cfg.seed + 3, "train", CORRECT_TEACHER)])
-    write_jsonl(os.path.join(cfg.out_dir, "heldout.jsonl"), make_split(cfg.n_heldout, cfg.seed + 4, "heldout"))
+    write_jsonl(os.path.join(cfg.out_dir, "sft.jsonl"),
+                with_code(make_split(cfg.n_sft, cfg.seed + 2, "train", SFT_TEACHER), cfg.seed + 2, "train"))
+    # RL rows carry what their verifier needs (verifiers.py's row format); word problems: question + target
+    rl = with_code(make_split(cfg.n_rl, cfg.seed + 3, "train", CORRECT_TEACHER), cfg.seed + 3, "train",
+                   CORRECT_CODE_TEACHER)
+    write_jsonl(os.path.join(cfg.out_dir, "rl.jsonl"), [{k: v for k, v in ex.items() if k != "answer"} for ex in rl])
+    write_jsonl(os.path.join(cfg.out_dir, "heldout.jsonl"),
+                with_code(make_split(cfg.n_heldout, cfg.seed + 4, "heldout"), cfg.seed + 4, "heldout"))
     # bits per byte needs the raw text of the validation documents
     write_jsonl(os.path.join(cfg.out_dir, "val_text.jsonl"), [{"text": plain_document(ex)} for ex in val])
     print(f"wrote {cfg.out_dir}: shards, sft.jsonl ({cfg.n_sft}), rl.jsonl ({cfg.n_rl}), heldout.jsonl ({cfg.n_heldout})")

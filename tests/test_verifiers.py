@@ -1,0 +1,281 @@
+"""verifiers.py: the sandbox as an attacker would try it, scoring of correct and wrong programs, math /
+GSM8K / logic / instruction checks, the row format and the Hub loaders (on files written here)."""
+import json
+import os
+import random
+import socket
+import threading
+from fractions import Fraction
+
+import pytest
+
+import verifiers as V
+
+# Tight limits: a sandbox failure must not take down a machine shared by several people.
+TIGHT = V.SandboxLimits(timeout=3.0, memory_mb=256, fsize_mb=1, nproc=8, max_output=64 << 10)
+
+
+def _iso():
+    try:
+        return V.isolation("auto")
+    except V.SandboxUnavailable as e:
+        pytest.skip(f"no sandbox isolation on this machine: {e}")
+
+
+def _procs_running(marker):
+    n = 0
+    for p in os.listdir("/proc"):
+        if p.isdigit() and int(p) != os.getpid():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    n += marker.encode() in f.read()
+            except OSError:
+                pass
+    return n
+
+
+def test_attacks_contained_and_reported(tmp_path, monkeypatch):
+    iso = _iso()
+    tag = f"nf{random.randrange(10**9)}"
+    monkeypatch.setenv("NANOFORGE_TEST_SECRET", tag + "secret")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    outside = tmp_path / "outside.txt"
+    me = os.getpid()
+    attacks = {
+        "socket": f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+                  f"    print('CONNECTED')\nexcept OSError as e:\n    print('refused', e)",
+        "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+        "memory_bomb": "x = []\nwhile True:\n    x.append(bytearray(10**8))",
+        "huge_file": "with open('big.bin', 'wb') as f:\n    for _ in range(100):\n        f.write(bytes(1 << 20))",
+        "sleep": "import time\ntime.sleep(10**6)",
+        "secrets": f"import os, glob\nprint(dict(os.environ))\nfor p in glob.glob('/proc/*/environ'):\n"
+                   f"    try:\n        print(open(p).read())\n    except OSError:\n        pass\n"
+                   f"try:\n    print(open('/proc/{me}/environ').read())\nexcept OSError as e:\n    print('denied', e)",
+        "write_outside": f"import os\nfor p in [{str(outside)!r}, {os.path.join(os.getcwd(), tag)!r}, "
+                         f"'/tmp/{tag}']:\n    try:\n        open(p, 'w').write('x'); print('WROTE', p)\n"
+                         f"    except OSError as e:\n        print('denied', p, e)",
+        "kill_parent": f"import os, signal\nfor pid in (os.getppid(), {me}):\n    try:\n"
+                       f"        os.kill(pid, signal.SIGKILL); print('KILLED', pid)\n"
+                       f"    except OSError as e:\n        print('denied', pid, e)",
+        "print_gigabytes": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)",
+    }
+    names = list(attacks)
+    made = []
+    real_mkdtemp = V.tempfile.mkdtemp
+    monkeypatch.setattr(V.tempfile, "mkdtemp", lambda **kw: made.append(real_mkdtemp(**kw)) or made[-1])
+    jobs = [({f"{tag}_{n}.py": attacks[n]}, ["python", "-I", f"{tag}_{n}.py"]) for n in names]
+    # the fork bomb alone, after the others: its spinning processes would starve them of the 2 cores
+    res = dict(zip(names[:1] + names[2:], V.run_programs(jobs[:1] + jobs[2:], workers=len(jobs), limits=TIGHT)))
+    res["fork_bomb"] = V.run_program(*jobs[1], limits=TIGHT)
+    try:
+        server.accept()
+        accepted = True
+    except BlockingIOError:
+        accepted = False
+    server.close()
+
+    assert not accepted and "CONNECTED" not in res["socket"].stdout and "refused" in res["socket"].stdout
+    assert res["fork_bomb"].status == "timeout"
+    assert res["memory_bomb"].status != "ok" and "MemoryError" in res["memory_bomb"].stderr + res["memory_bomb"].status
+    assert res["huge_file"].status in ("killed:SIGXFSZ", "error"), res["huge_file"]
+    assert res["sleep"].status == "timeout" and res["sleep"].seconds < TIGHT.timeout + 2
+    assert tag + "secret" not in res["secrets"].stdout and "denied" in res["secrets"].stdout
+    wrote = res["write_outside"].stdout
+    assert f"WROTE {outside}" not in wrote and not outside.exists()
+    assert "WROTE " + os.path.join(os.getcwd(), tag) not in wrote and not os.path.exists(os.path.join(os.getcwd(), tag))
+    if iso == "bwrap":  # a private /tmp: nothing reaches the real one
+        assert not os.path.exists(f"/tmp/{tag}")
+    elif os.path.exists(f"/tmp/{tag}"):  # unshare: world-writable dirs stay writable (documented)
+        os.remove(f"/tmp/{tag}")
+    assert "KILLED" not in res["kill_parent"].stdout and res["kill_parent"].stdout.count("denied") == 2
+    assert res["print_gigabytes"].status == "output_limit" and len(res["print_gigabytes"].stdout) <= TIGHT.max_output
+    # nothing left behind: no process of any attack, no working directory
+    assert _procs_running(tag) == 0
+    assert len(made) == len(jobs) and not [d for d in made if os.path.exists(d)]
+
+
+def test_reward_is_fraction_of_tests_passed():
+    _iso()
+    rng = random.Random()
+    a, b, cut = rng.randint(2, 9), rng.randint(-9, 9), rng.randint(0, 10)
+    xs = rng.sample(range(-20, 21), 8)
+    asserts = [f"assert f({x}) == {a * x + b}" for x in xs]
+    correct = f"Here you go:\n```python\ndef f(x):\n    return {a} * x + {b}\n```"
+    buggy = f"```python\ndef f(x):\n    return {a} * x + {b} if x < {cut} else 0\n```"
+    expect_buggy = sum((a * x + b if x < cut else 0) == a * x + b for x in xs) / len(xs)
+    stdin_tests = {"type": "stdin_stdout", "inputs": [f"{x}\n" for x in xs], "outputs": [f"{a * x + b}\n" for x in xs]}
+    call_tests = {"type": "call", "fn_name": "f", "inputs": [[x] for x in xs], "outputs": [a * x + b for x in xs]}
+    rows = [{"kind": "code", "prompt": "p", "tests": {"type": "assert", "asserts": asserts}}] * 5 + \
+           [{"kind": "code", "prompt": "p", "tests": stdin_tests}] * 2 + [{"kind": "code", "prompt": "p", "tests": call_tests}]
+    comps = [correct, buggy, "```python\ndef f(x) return x\n```", "```python\nimport time\ntime.sleep(100)\n```",
+             "```python\nraise SystemExit(3)\n```",
+             f"x = int(input())\nprint({a} * x + {b})", f"x = int(input())\nprint({a} * x + {b} if x < {cut} else 0)",
+             buggy]
+    got = V.score_batch(rows, comps, limits=V.SandboxLimits(timeout=3.0, memory_mb=256, nproc=16))
+    assert got == pytest.approx([1.0, expect_buggy, 0.0, 0.0, 0.0, 1.0, expect_buggy, expect_buggy])
+
+
+def test_run_programs_parallel_in_order():
+    _iso()
+    vals = [random.randrange(10**6) for _ in range(6)]
+    res = V.run_programs([({"m.py": f"print({v} * 3)"}, ["python", "-I", "m.py"]) for v in vals], workers=3,
+                         limits=TIGHT)
+    assert [r.stdout.strip() for r in res] == [str(v * 3) for v in vals] and all(r.status == "ok" for r in res)
+
+
+def test_refuses_without_isolation_unless_accepted(monkeypatch, capsys):
+    monkeypatch.setattr(V, "_ISOLATION", {})
+    monkeypatch.setattr(V, "_WARNED", set())
+    real_which = V.shutil.which
+    monkeypatch.setattr(V.shutil, "which", lambda n: None if n in ("bwrap", "unshare") else real_which(n))
+    with pytest.raises(V.SandboxUnavailable, match="refusing.*--sandbox=none"):
+        V.isolation("auto")
+    with pytest.raises(V.SandboxUnavailable):
+        V.run_program({"m.py": "print(1)"}, ["python", "m.py"])
+    assert V.isolation("none") == "none"
+    assert V.isolation("none") == "none"
+    assert capsys.readouterr().err.count("isolation=none accepted") == 1  # said once
+    r = V.run_program({"m.py": "print(6 * 7)"}, ["python", "-I", "m.py"], TIGHT, isolation_mode="none")
+    assert r.stdout.strip() == "42"
+
+
+def test_code_output_rows_match_the_sandbox():
+    """The embedded second kind: each generated program's target equals what the sandbox sees it print."""
+    _iso()
+    import tasks
+    rows = tasks.make_code_split(12, seed=random.randrange(1000), split="heldout")
+    printed = V.program_outputs([r["code"] for r in rows], limits=TIGHT)
+    assert [int(p) for p in printed] == [r["target"] for r in rows]
+    assert all(V.score(r, f"... \n#### {r['target']}") == 1.0 for r in rows)
+    assert all(V.score(r, f"#### {r['target'] + 1}") == 0.0 for r in rows)
+
+
+def test_math_verify_order_equivalence_and_threads():
+    pytest.importorskip("math_verify")
+    rng = random.Random()
+    for _ in range(4):
+        p, q = rng.randint(1, 40), rng.randint(2, 40)
+        f = Fraction(p, q)
+        gold = f"\\frac{{{p}}}{{{q}}}"
+        same = f"The answer is $\\boxed{{\\frac{{{2 * p}}}{{{2 * q}}}}}$."
+        other = Fraction(p + 1, q)
+        diff = f"so \\boxed{{\\frac{{{other.numerator}}}{{{other.denominator}}}}}"
+        assert V.math_reward(same, gold) == 1.0
+        assert V.math_reward(diff, gold) == float(other == f)
+    assert V.math_reward("no box here, 7", "7") == 0.0
+    assert V.math_reward("\\boxed{3}", "") is None  # gold that cannot be parsed: skip
+    out = []
+    t = threading.Thread(target=lambda: out.append(V.math_reward("\\boxed{0.5}", "\\frac{1}{2}")))
+    t.start()
+    t.join()
+    assert out == [1.0]
+
+
+def test_gsm8k_rows_use_the_shared_extractor():
+    n = random.randint(100, 99999)
+    row = {"question": "q", "answer": f"some steps\n#### {n:,}"}
+    assert V.score(row, f"so it is\n#### {n}") == 1.0
+    assert V.score(row, f"#### {n + 1}") == 0.0
+    assert V.score({"prompt": "q", "kind": "gsm8k", "target": n}, f"#### ${n:,}.00") == 1.0
+
+
+def test_logic_rows_scored_by_reasoning_gym():
+    pytest.importorskip("reasoning_gym")
+    rows = V.make_logic_rows(["chain_sum", "leg_counting"], 3, seed=random.randrange(1000))
+    assert len(rows) == 6 and all(V.check_row(r) is None for r in rows)
+    rows = [json.loads(json.dumps(r)) for r in rows]  # as read back from a .jsonl
+    for r in rows:
+        ans = r["entry"]["answer"]
+        assert V.score(r, f"thinking...</think><answer>{ans}</answer>") == 1.0
+        assert V.score(r, f"<answer>{int(ans) + 1}</answer>") < 1.0
+        assert V.score(r, f"the answer is {ans}") == 0.0  # no tags
+
+
+def test_ifeval_checks():
+    ins = [{"id": "length_constraints:number_words", "num_words": 5, "relation": "at least"},
+           {"id": "punctuation:no_comma"}, {"id": "keywords:existence", "keywords": ["llama"]},
+           {"id": "change_case:english_lowercase"}]
+    row = {"prompt": "p", "kind": "ifeval", "instructions": ins}
+    assert V.score(row, "<think>Ignore, THIS</think>the llama walks up the hill") == 1.0
+    assert V.score(row, "the Llama walks, up the hill") == pytest.approx(2 / 4)
+    assert V.ifeval_reward('{"a": [1, 2]}', [{"id": "detectable_format:json_format"}]) == 1.0
+    assert V.ifeval_reward("{'a': 1}", [{"id": "detectable_format:json_format"}]) == 0.0
+    assert V.ifeval_reward("* a\n* b\n- c", [{"id": "detectable_format:number_bullet_lists", "num_bullets": 3}]) == 1.0
+    assert V.ifeval_reward("Bye. Is there anything else I can help with?",
+                           [{"id": "startend:end_checker", "end_phrase": "Is there anything else I can help with?"}]) == 1.0
+    assert V.ifeval_reward("a b c", [{"id": "length_constraints:number_words", "num_words": 3,
+                                      "relation": "less than"}]) == 0.0
+
+
+def test_row_format_errors_and_prompts():
+    assert V.check_row({"prompt": "p", "kind": "poetry"}).startswith("unknown kind")
+    assert "needs 'gold'" in V.check_row({"prompt": "p", "kind": "math"})
+    assert "no prompt" in V.check_row({"kind": "math", "gold": "1"})
+    assert "unsupported IFEval" in V.check_row({"prompt": "p", "kind": "ifeval", "instructions": [{"id": "x:y"}]})
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert V.prompt_text({"messages": msgs}) == "Be brief.\n\n2+2?"
+    with pytest.raises(SystemExit, match="rows.jsonl row 2: unknown kind"):
+        V.check_rows([{"question": "q", "target": 1}, {"prompt": "p", "kind": "nope"}], "rows.jsonl")
+
+
+class FakeHub:
+    """Stands a local folder in for the Hugging Face Hub: repo files live under root/<repo>/."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def list_repo_files(self, repo, repo_type=None):
+        base = os.path.join(self.root, repo)
+        return [os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs]
+
+    def hf_hub_download(self, repo, filename, repo_type=None, local_dir=None):
+        return os.path.join(self.root, repo, filename)
+
+
+def test_hub_loaders_on_fake_hub(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    _iso()
+    hub = FakeHub(str(tmp_path / "hub"))
+
+    def put(repo, name, rows):
+        path = tmp_path / "hub" / repo / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".parquet"):
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        elif name.endswith(".json"):
+            path.write_text(json.dumps(rows))
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    n = random.randint(2, 50)
+    put("agentica-org/DeepScaleR-Preview-Dataset", "deepscaler.json",
+        [{"problem": "What is 1/2 + 1/2?", "answer": "1", "solution": "..."}])
+    put("openai/gsm8k", "main/train-00000-of-00001.parquet", [{"question": "q?", "answer": f"x\n#### {n}"}])
+    code_gt = json.dumps({"inputs": ["2\n", "5\n"], "outputs": ["4\n", "25\n"]})
+    user = [{"role": "user", "content": "Square the input."}]
+    put("PRIME-RL/Eurus-2-RL-Data", "train.parquet", [
+        {"data_source": "taco", "prompt": user, "ability": "code",
+         "reward_model": {"style": "rule", "ground_truth": code_gt}, "extra_info": {"index": 0}},
+        {"data_source": "numina", "prompt": user, "ability": "math",
+         "reward_model": {"style": "rule", "ground_truth": "\\frac{3}{4}"}, "extra_info": {"index": 1}}])
+    put("google/IFEval", "ifeval_input_data.jsonl", [
+        {"key": 1, "prompt": "Write in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
+         "kwargs": [{}]},
+        {"key": 2, "prompt": "Unsupported.", "instruction_id_list": ["language:response_language"],
+         "kwargs": [{"language": "fr"}]}])
+    cache = str(tmp_path / "cache")
+    ds, _ = V.load_hub_rows("deepscaler", cache, hub=hub)
+    gs, _ = V.load_hub_rows("gsm8k", cache, hub=hub)
+    eu, _ = V.load_hub_rows("eurus2_rl", cache, hub=hub)
+    ie, skipped = V.load_hub_rows("ifeval", cache, hub=hub)
+    assert [r["kind"] for r in ds + gs + eu + ie] == ["math", "gsm8k", "code", "math", "ifeval"] and skipped == 1
+    assert "\\boxed{}" in V.prompt_text(ds[0]) and V.prompt_text(eu[0]) == "Square the input."
+    comps = ["\\boxed{1}", f"#### {n}", "```python\nx = int(input())\nprint(x * x)\n```", "\\boxed{0.75}", "all lower"]
+    assert V.score_batch(ds + gs + eu + ie, comps, limits=TIGHT) == [1.0, 1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(SystemExit, match="unknown RL dataset"):
+        V.load_hub_rows("nope", cache, hub=hub)
