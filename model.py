@@ -11,6 +11,7 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -155,6 +156,7 @@ class GPT(nn.Module):
         super().__init__()
         assert cfg.d_model % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
         self.cfg = cfg
+        self.gradient_checkpointing = False  # per run, not part of the weights: set by the stage's config
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -187,8 +189,13 @@ class GPT(nn.Module):
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.embed(idx)
+        # activation checkpointing: keep only each block's input, rebuild its activations in the backward
+        recompute = self.gradient_checkpointing and caches is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, self.cfg.kernels, None if caches is None else caches[i], mask)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, self.cfg.kernels, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, self.cfg.kernels, None if caches is None else caches[i], mask)
         return self.norm(x)
 
     def forward(self, idx, targets=None):
