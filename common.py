@@ -227,6 +227,23 @@ def pick_device(name="auto"):
     return "cpu"
 
 
+def init_distributed(device_name="auto"):
+    """Data parallelism under torchrun (nanoGPT style): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; join
+    the process group (nccl on CUDA, gloo elsewhere) and take this rank's device.
+    -> (rank, world_size, device). Without torchrun: (0, 1, pick_device(device_name)), exactly as before."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    import torch.distributed as dist
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_name)
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
 def pick_kernels(name, device):
     """'auto' = the Triton kernels on CUDA, PyTorch elsewhere."""
     if name == "auto":

@@ -36,10 +36,12 @@ per token and layer) and one block's activations are rebuilt at a time during th
 Deviation, stated: on CUDA, SDPA's flash backend may expand grouped K/V to the query heads (saving 2D
 instead of 2K per token); the Triton kernel never does. The estimate uses the Triton kernel's layout.
 """
-import math
+import os
 from dataclasses import dataclass
 
-from model import GPT, ModelConfig, model_config  # noqa: F401  (GPT: parameter counts match the model)
+import torch
+
+from model import model_config
 
 GiB = 1024 ** 3
 
@@ -145,6 +147,57 @@ def largest_micro_batch(cfg, mc, card_bytes):
             lo, hi = (mid, hi) if peak_bytes(estimate(cfg, trial)) <= card_bytes else (lo, mid)
         best = lo
     return best
+
+
+def available_bytes(device):
+    """Memory a run on `device` may use: the GPU's total, or the host's available RAM."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def probe_fits(model, micro, seq_len, device, budget):
+    """CUDA: run one forward+backward of `micro` random sequences and compare its peak (+ the AdamW state
+    the first optimizer step will allocate) with `budget`. Out of memory counts as not fitting."""
+    from common import autocast
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        x = torch.randint(0, model.cfg.vocab_size, (micro, seq_len), device=device)
+        with autocast(device):
+            loss = model(x, x)
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated(device) + 8 * model.num_params()
+    except torch.cuda.OutOfMemoryError:
+        peak = float("inf")
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return peak <= budget
+
+
+def auto_micro_batch(model, global_batch, seq_len, device, kernels, headroom=0.9):
+    """The largest micro-batch (a divisor of `global_batch`, so the global batch stays exact) whose training
+    step fits `headroom` of the device's memory: probed on CUDA, from the estimate elsewhere.
+    -> (micro_batch, grad_accum)."""
+    budget = headroom * available_bytes(device)
+    on_cuda = torch.device(device).type == "cuda"
+    mc = MemoryConfig(seq_len=seq_len, kernels=kernels if on_cuda else "torch", dtype="bf16" if on_cuda else "fp32",
+                      gradient_checkpointing=model.gradient_checkpointing)
+    for micro in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0), reverse=True):
+        if on_cuda:
+            fits = probe_fits(model, micro, seq_len, device, budget)
+        else:
+            fits = peak_bytes(estimate(model.cfg, MemoryConfig(**{**mc.__dict__, "batch": micro}))) <= budget
+        if fits:
+            return micro, global_batch // micro
+    raise SystemExit(f"error: not even one sequence of {seq_len} tokens fits {budget / GiB:.1f} GiB on {device}; "
+                     f"try --gradient_checkpointing=true or a shorter --seq_len (python memory.py shows the plan)")
 
 
 def report(cfg, mc):

@@ -33,6 +33,10 @@ PRESETS = {
     "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, max_seq_len=256),
     # SmolLM2-135M's shape
     "135m": dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, max_seq_len=2048),
+    # Qwen2.5-1.5B's shape (tied embeddings; its q/k/v biases come in with a Hugging Face import): the size the
+    # RL recipes start from, for memory plans and the 1.5B GRPO run
+    "qwen2.5-1.5b": dict(vocab_size=151936, n_layer=28, n_head=12, n_kv_head=2, d_model=1536, d_ff=8960,
+                         max_seq_len=4096, rope_theta=1000000.0, norm_eps=1e-6),
 }
 
 

@@ -11,15 +11,17 @@ on CUDA, periodic validation loss, tokens/s and MFU, metrics as JSON lines in <o
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (Metrics, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
-                    pick_device, pick_kernels, save_checkpoint, seed_everything)
+from common import (Metrics, autocast, check_finite, init_distributed, load_checkpoint, load_training_state, log,
+                    parse_config, pick_kernels, save_checkpoint, seed_everything)
 from data import load_shards, sample_batch
+from memory import auto_micro_batch
 from model import GPT, model_config
 from tokenizer import load_tokenizer
 
@@ -31,9 +33,10 @@ class PretrainConfig:
     out_dir: str = "out/pretrain"
     init_from: str = ""            # continue from another checkpoint's weights (new optimizer)
     resume: bool = False           # continue this run from <out_dir>/ckpt, optimizer and data position included
-    batch_size: int = 32
+    batch_size: int = 32           # sequences per micro-batch (per rank)
     seq_len: int = 128
-    grad_accum: int = 1
+    grad_accum: int = 1            # micro-batches per step; global batch = batch_size x grad_accum x ranks
+    micro_batch: str = ""          # "auto": the largest micro-batch that fits the device; grad_accum keeps the global batch
     max_steps: int = 600
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -49,6 +52,7 @@ class PretrainConfig:
     device: str = "auto"
     kernels: str = "auto"
     compile: bool = False
+    gradient_checkpointing: bool = False  # keep only each block's input; rebuild activations in the backward
     peak_tflops: float = 0.0       # for MFU; 0 = guess from the GPU name (H100/H200/A100), none on CPU
 
 
@@ -88,6 +92,12 @@ def make_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=torch.device(device).type == "cuda")
 
 
+def all_ranks_mean(value, device):
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.item() / torch.distributed.get_world_size()
+
+
 @torch.no_grad()
 def val_loss(model, shards, cfg, device):
     rng = np.random.default_rng(0)  # the same validation windows at every evaluation
@@ -102,11 +112,12 @@ def val_loss(model, shards, cfg, device):
 
 
 def main(cfg):
-    device = pick_device(cfg.device)
+    # under torchrun: one process per GPU, each with the whole model (DDP); rank 0 logs and saves
+    rank, world, device = init_distributed(cfg.device)
     kernels = pick_kernels(cfg.kernels, device)
     seed_everything(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    np_rng = np.random.default_rng(cfg.seed)
+    np_rng = np.random.default_rng(cfg.seed)  # the same on every rank: all ranks draw the same global batch
     start_step = 0
 
     if cfg.resume:
@@ -125,13 +136,27 @@ def main(cfg):
         meta = load_training_state(ckpt, optimizer, np_rng)
         start_step = meta["step"]
         log(f"resuming from {ckpt} at step {start_step}")
-    metrics = Metrics(cfg.out_dir, resume_step=start_step if cfg.resume else None)
-    step_model = torch.compile(model) if cfg.compile else model
+    metrics = Metrics(cfg.out_dir, resume_step=start_step if cfg.resume else None) if rank == 0 else None
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.micro_batch == "auto":
+        global_batch = cfg.batch_size * cfg.grad_accum
+        cfg.batch_size, cfg.grad_accum = auto_micro_batch(model, global_batch, cfg.seq_len, device, kernels)
+        if rank == 0:
+            log(f"micro_batch=auto: {cfg.batch_size} sequences of {cfg.seq_len} tokens fit {device}; grad_accum "
+                f"{cfg.grad_accum} keeps the global batch of {global_batch} per rank")
+    elif cfg.micro_batch:
+        raise SystemExit(f"error: --micro_batch takes 'auto' (or nothing), got '{cfg.micro_batch}'")
+    train_model = model
+    if world > 1:  # gradients are averaged across ranks in the backward of each rank's last micro-step
+        train_model = torch.nn.parallel.DistributedDataParallel(model)
+    step_model = torch.compile(train_model) if cfg.compile else train_model
 
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     fpt, peak = flops_per_token(model, cfg.seq_len), peak_flops(cfg, device)
-    log(f"pretrain: {model.num_params() / 1e6:.2f}M params, device {device}, kernels {kernels}, "
-        f"{tokens_per_step} tokens/step, {cfg.max_steps} steps, tokenizer {tok.name} ({tok.vocab_size})")
+    if rank == 0:
+        log(f"pretrain: {model.num_params() / 1e6:.2f}M params, device {device}, kernels {kernels}, "
+            f"{tokens_per_step} tokens/step, {cfg.max_steps} steps, tokenizer {tok.name} ({tok.vocab_size})"
+            + (f", {world} ranks" if world > 1 else ""))
     ckpt_hint = os.path.join(cfg.out_dir, "ckpt")
 
     def save(step, vloss=None):
@@ -142,26 +167,35 @@ def main(cfg):
     t0, tokens_since = time.time(), 0
     vloss = None
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="pretrain",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=rank != 0)
     for step in bar:
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
         loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
+        # every rank draws the global batch's grad_accum x world micro-batches and trains on its share,
+        # so N ranks x grad_accum A see exactly the data of 1 rank x grad_accum N*A
+        for micro in range(cfg.grad_accum * world):
             x, y = sample_batch(train_shards, cfg.batch_size, cfg.seq_len, np_rng)
+            if micro % world != rank:
+                continue
             x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-            with autocast(device):
+            last_micro = micro + world >= cfg.grad_accum * world
+            with autocast(device), (train_model.no_sync() if world > 1 and not last_micro else nullcontext()):
                 loss = step_model(x, y) / cfg.grad_accum
-            check_finite(loss, step, ckpt_hint)
-            loss.backward()
+                check_finite(loss, step, ckpt_hint)
+                loss.backward()
             loss_sum += loss.item()
+        if world > 1:  # the logged loss is the mean over all ranks, as one process would see it
+            loss_sum = all_ranks_mean(loss_sum, device)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_since += tokens_per_step
 
         last = step + 1 == cfg.max_steps
+        if rank != 0:
+            continue
         if (step + 1) % cfg.log_interval == 0 or last:
             dt = time.time() - t0
             tps = tokens_since / dt
@@ -170,12 +204,16 @@ def main(cfg):
             metrics.write(step=step + 1, loss=loss_sum, lr=lr, grad_norm=gnorm, tokens_per_s=tps, mfu=mfu)
             t0, tokens_since = time.time(), 0
         if (step + 1) % cfg.eval_interval == 0 or last:
-            vloss = val_loss(step_model, val_shards, cfg, device)
+            vloss = val_loss(model, val_shards, cfg, device)  # the bare model: DDP forwards are collective
             bar.write(f"step {step + 1}: train loss {loss_sum:.4f}, val loss {vloss:.4f}")
             metrics.write(step=step + 1, val_loss=vloss)
         if (step + 1) % cfg.ckpt_interval == 0 or last:
             save(step + 1, vloss)
     bar.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return
     if start_step >= cfg.max_steps:
         log(f"nothing to do: checkpoint is already at step {start_step} >= max_steps {cfg.max_steps}")
     log(f"pretrain done: val loss {vloss}, checkpoint in {ckpt_hint}")

@@ -11,15 +11,16 @@ the chosen alpha; the checkpoint written holds the chosen alpha's weights.
 import math
 import os
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from common import (Metrics, autocast, check_finite, load_checkpoint, log, parse_config, pick_device,
+from common import (Metrics, autocast, check_finite, init_distributed, load_checkpoint, log, parse_config,
                     pick_kernels, save_checkpoint, seed_everything)
 from eval import heldout_accuracy
-from pretrain import lr_at, make_optimizer
+from pretrain import all_ranks_mean, lr_at, make_optimizer
 from tasks import chat_example_ids, read_jsonl
 
 
@@ -30,7 +31,9 @@ class SFTConfig:
     heldout: str = "out/data/heldout.jsonl"
     out_dir: str = "out/sft"
     epochs: float = 1.0
-    batch_size: int = 32
+    batch_size: int = 32           # examples per micro-batch (per rank)
+    grad_accum: int = 1            # micro-batches per optimizer step; global batch = batch_size x grad_accum x ranks
+    gradient_checkpointing: bool = False
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 20
@@ -76,7 +79,7 @@ def interpolate(base_state, sft_state, alpha):
 
 
 def main(cfg):
-    device = pick_device(cfg.device)
+    rank, world, device = init_distributed(cfg.device)  # torchrun: one process per GPU (DDP); rank 0 saves
     kernels = pick_kernels(cfg.kernels, device)
     seed_everything(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -92,35 +95,55 @@ def main(cfg):
         examples.append((ids, mask))
     if not examples:
         raise SystemExit(f"error: no usable examples in {cfg.data}")
-    steps = math.ceil(cfg.epochs * len(examples) / cfg.batch_size)
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    steps = math.ceil(cfg.epochs * len(examples) / global_batch)
     optimizer = make_optimizer(model, cfg, device)
-    metrics = Metrics(cfg.out_dir)
-    log(f"sft: {len(examples)} examples, {steps} steps, device {device}, kernels {kernels}, from {cfg.init_from}")
+    metrics = Metrics(cfg.out_dir) if rank == 0 else None
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if rank == 0:
+        log(f"sft: {len(examples)} examples, {steps} steps of {global_batch}, device {device}, kernels {kernels}, "
+            f"from {cfg.init_from}" + (f", {world} ranks" if world > 1 else ""))
 
     rng = random.Random(cfg.seed)
     order = []
     model.train()
-    bar = tqdm(range(steps), desc="sft", dynamic_ncols=True)
+    bar = tqdm(range(steps), desc="sft", dynamic_ncols=True, disable=rank != 0)
     for step in bar:
         lr = lr_at(step, cfg, max_steps=steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        if len(order) < cfg.batch_size:  # reshuffle each epoch
+        if len(order) < global_batch:  # reshuffle each epoch
             fresh = list(range(len(examples)))
             rng.shuffle(fresh)
             order += fresh
-        batch, order = [examples[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
-        x, y = collate(batch, device)
-        with autocast(device):
-            loss = model(x, y)
-        check_finite(loss, step, f"{cfg.init_from} (the base; sft saves only at the end)")
-        loss.backward()
+        batch, order = [examples[i] for i in order[:global_batch]], order[global_batch:]
+        # the loss is the mean over every assistant token of the global batch, however it is split into
+        # micro-batches and ranks: each micro-batch's token mean is weighted by its share of the tokens
+        # (x world: DDP averages the ranks' gradients)
+        n_tokens = sum(sum(mask[1:]) for _, mask in batch)
+        micros = [batch[i:i + cfg.batch_size] for i in range(0, global_batch, cfg.batch_size)]
+        loss_sum = 0.0
+        for m in range(rank, len(micros), world):
+            x, y = collate(micros[m], device)
+            last_micro = m + world >= len(micros)
+            with autocast(device), (train_model.no_sync() if world > 1 and not last_micro else nullcontext()):
+                loss = train_model(x, y) * ((y != -100).sum() * world / max(n_tokens, 1))
+                check_finite(loss, step, f"{cfg.init_from} (the base; sft saves only at the end)")
+                loss.backward()
+            loss_sum += loss.item() / world
+        if world > 1:
+            loss_sum = all_ranks_mean(loss_sum, device) * world
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == steps:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
-            metrics.write(step=step + 1, loss=loss.item(), lr=lr)
+        if rank == 0 and ((step + 1) % cfg.log_interval == 0 or step + 1 == steps):
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}")
+            metrics.write(step=step + 1, loss=loss_sum, lr=lr)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank != 0:  # the report generates on one process; rank 0 saves
+        return
 
     # weight interpolation with the base (VibeThinker-style checkpoint fusion, with the base as anchor)
     sft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -107,3 +107,18 @@ def test_grpo_peak_takes_the_larger_phase_not_the_sum():
     persistent = sum(parts.values()) - kv - update
     sub = persistent + max(kv, update)
     assert memory.peak_bytes(parts) == pytest.approx(sub + memory.GiB + 0.05 * sub)
+
+
+def test_auto_micro_batch_keeps_the_global_batch(monkeypatch):
+    """On the CPU the choice comes from the estimate: the largest divisor of the global batch that fits."""
+    cfg = random_cfg(random.Random(4))
+    model = GPT(cfg)
+    mc = memory.MemoryConfig(seq_len=32, kernels="torch", dtype="fp32")
+    need = [memory.peak_bytes(memory.estimate(cfg, memory.MemoryConfig(**{**mc.__dict__, "batch": b})))
+            for b in range(1, 13)]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (need[4] + need[5]) / 2 / 0.9)  # 5 fit, 6 not
+    micro, accum = memory.auto_micro_batch(model, 12, 32, "cpu", "torch")
+    assert (micro, accum) == (4, 3)  # 5 is not a divisor of 12; 4 x 3 keeps the 12 sequences
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need[0] / 2)
+    with pytest.raises(SystemExit, match="not even one sequence"):
+        memory.auto_micro_batch(model, 12, 32, "cpu", "torch")
