@@ -36,6 +36,7 @@ per token and layer) and one block's activations are rebuilt at a time during th
 Deviation, stated: on CUDA, SDPA's flash backend may expand grouped K/V to the query heads (saving 2D
 instead of 2K per token); the Triton kernel never does. The estimate uses the Triton kernel's layout.
 """
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -135,7 +136,7 @@ def largest_micro_batch(cfg, mc, card_bytes):
     """The largest micro-batch whose estimate fits `card_bytes` (0 if even 1 does not)."""
     best, mb = 0, 1
     while mb <= 4096:
-        trial = MemoryConfig(**{**mc.__dict__, "batch": mb})
+        trial = dataclasses.replace(mc, batch=mb)
         if peak_bytes(estimate(cfg, trial)) > card_bytes:
             break
         best, mb = mb, mb * 2
@@ -143,7 +144,7 @@ def largest_micro_batch(cfg, mc, card_bytes):
         lo, hi = best, best * 2
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            trial = MemoryConfig(**{**mc.__dict__, "batch": mid})
+            trial = dataclasses.replace(mc, batch=mid)
             lo, hi = (mid, hi) if peak_bytes(estimate(cfg, trial)) <= card_bytes else (lo, mid)
         best = lo
     return best
@@ -193,7 +194,7 @@ def auto_micro_batch(model, global_batch, seq_len, device, kernels, headroom=0.9
         if on_cuda:
             fits = probe_fits(model, micro, seq_len, device, budget)
         else:
-            fits = peak_bytes(estimate(model.cfg, MemoryConfig(**{**mc.__dict__, "batch": micro}))) <= budget
+            fits = peak_bytes(estimate(model.cfg, dataclasses.replace(mc, batch=micro))) <= budget
         if fits:
             return micro, global_batch // micro
     raise SystemExit(f"error: not even one sequence of {seq_len} tokens fits {budget / GiB:.1f} GiB on {device}; "

@@ -1,6 +1,7 @@
 """The memory plan (memory.py) against PyTorch's own accounting: parameter counts against the built
 model, activation bytes against the tensors autograd actually saves for the backward, and activation
 checkpointing against the plain backward (same gradients, only block inputs kept)."""
+import dataclasses
 import random
 
 import pytest
@@ -91,8 +92,8 @@ def test_largest_micro_batch_is_the_boundary():
     mc = memory.MemoryConfig(model="135m", seq_len=2048)
     card = 40e9
     mb = memory.largest_micro_batch(cfg, mc, card)
-    at = memory.peak_bytes(memory.estimate(cfg, memory.MemoryConfig(**{**mc.__dict__, "batch": mb})))
-    above = memory.peak_bytes(memory.estimate(cfg, memory.MemoryConfig(**{**mc.__dict__, "batch": mb + 1})))
+    at = memory.peak_bytes(memory.estimate(cfg, dataclasses.replace(mc, batch=mb)))
+    above = memory.peak_bytes(memory.estimate(cfg, dataclasses.replace(mc, batch=mb + 1)))
     assert mb >= 1 and at <= card < above
 
 
@@ -114,7 +115,7 @@ def test_auto_micro_batch_keeps_the_global_batch(monkeypatch):
     cfg = random_cfg(random.Random(4))
     model = GPT(cfg)
     mc = memory.MemoryConfig(seq_len=32, kernels="torch", dtype="fp32")
-    need = [memory.peak_bytes(memory.estimate(cfg, memory.MemoryConfig(**{**mc.__dict__, "batch": b})))
+    need = [memory.peak_bytes(memory.estimate(cfg, dataclasses.replace(mc, batch=b)))
             for b in range(1, 13)]
     monkeypatch.setattr(memory, "available_bytes", lambda device: (need[4] + need[5]) / 2 / 0.9)  # 5 fit, 6 not
     micro, accum = memory.auto_micro_batch(model, 12, 32, "cpu", "torch")
@@ -122,3 +123,10 @@ def test_auto_micro_batch_keeps_the_global_batch(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: need[0] / 2)
     with pytest.raises(SystemExit, match="not even one sequence"):
         memory.auto_micro_batch(model, 12, 32, "cpu", "torch")
+
+
+def test_command_line_prints_the_plan(capsys):
+    from common import parse_config
+    memory.main(parse_config(memory.MemoryConfig(), ["--model=135m", "--stage=grpo", "--card_gb=80"]))
+    out = capsys.readouterr().out
+    assert "KV cache (rollouts)" in out and "80 GB card: fits" in out
