@@ -7,6 +7,15 @@ For each checkpoint: held-out accuracy on the embedded task (pass@1 greedy, exac
 number after '####'), pass@k from k samples at `temperature`, and validation loss (nats/token) and
 bits per byte on held-out documents. A pretrained checkpoint is prompted in the plain text format
 it was trained on, SFT/GRPO checkpoints in the chat format. Writes <out>.json and <out>.md.
+
+With --tasks, the public benchmarks instead (benchmarks.py: lm-evaluation-harness's formats and metrics):
+
+    python eval.py --ckpts=a,b,c --tasks=l20,gsm8k --limit=500
+
+prints one Markdown table (rows: checkpoints; columns: each task's headline metric, the l20 mean, the
+mean) and writes <out>_benchmarks.json (every item's prediction and per-choice log-likelihoods) and
+<out>_benchmarks.md. Task names as the harness spells them: hellaswag arc_easy arc_challenge piqa
+winogrande openbookqa lambada_openai mmlu gsm8k; `l20` = the first six.
 """
 import dataclasses
 import json
@@ -18,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from benchmarks import DEFAULT_DATA_DIR
 from common import atomic_write, autocast, load_checkpoint, log, parse_config, pick_device, pick_kernels
 from model import generate
 from tasks import exact_match_reward, prompt_ids, read_jsonl, stop_at_end
@@ -36,6 +46,18 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     kernels: str = "auto"
+    # public benchmarks (benchmarks.py); empty = the embedded task above
+    tasks: str = ""             # e.g. l20,mmlu,gsm8k
+    limit: int = 0              # first N items of each task (0 = all), as the harness's --limit
+    benchmark_dir: str = DEFAULT_DATA_DIR  # local eval sets (../shared/data layout); else the Hub
+    hf_cache: str = "out/hf_datasets"      # where Hub downloads are cached
+    add_bos: bool = True        # <|bos|> before each context (nanoforge models are trained with it)
+    max_batch_tokens: int = 8192  # packed tokens per scoring forward
+    gsm8k_format: str = "auto"  # auto (the checkpoint's: plain -> 5-shot base, chat -> 0-shot chat), base, chat
+    gsm8k_max_new_tokens: int = 256  # the harness's max_gen_toks
+    gsm8k_batch_size: int = 32  # problems generated at once
+    gsm8k_samples: int = 0      # n samples per problem for mean@n and pass@k (0 = greedy only)
+    gsm8k_k: str = "1,8"        # pass@k for these k (<= gsm8k_samples)
 
 
 def completions(model, tok, questions, fmt, n_samples, temperature, max_new_tokens, batch_size, seed,
@@ -104,9 +126,42 @@ def format_table(rows, k):
     return "\n".join(lines)
 
 
+def benchmark_main(cfg, device, kernels):
+    import benchmarks
+    names, sets = benchmarks.parse_tasks(cfg.tasks)
+    if cfg.gsm8k_format not in ("auto", "base", "chat"):
+        raise SystemExit(f"error: --gsm8k_format must be auto, base or chat, got '{cfg.gsm8k_format}'")
+    log(f"eval: benchmarks {' '.join(names)}" + (f", first {cfg.limit} items each" if cfg.limit else "")
+        + f", device {device}, kernels {kernels}")
+    gsm8k_opts = dict(max_new_tokens=cfg.gsm8k_max_new_tokens, batch_size=cfg.gsm8k_batch_size,
+                      n_samples=cfg.gsm8k_samples, temperature=cfg.temperature, seed=cfg.seed,
+                      k_list=[int(k) for k in cfg.gsm8k_k.split(",") if k])
+    rows, items = [], {}
+    for path in [p for p in cfg.ckpts.split(",") if p]:
+        model, tok, meta, ckpt = load_checkpoint(path, device, kernels=kernels)
+        fmt = {"auto": meta.get("fmt", "chat"), "base": "plain", "chat": "chat"}[cfg.gsm8k_format]
+        t0 = time.time()
+        metrics, its = benchmarks.run_tasks(model, tok, names, fmt=fmt, data_dir=cfg.benchmark_dir,
+                                            cache_dir=cfg.hf_cache, limit=cfg.limit, add_bos=cfg.add_bos,
+                                            max_batch_tokens=cfg.max_batch_tokens, gsm8k_opts=gsm8k_opts, log=log)
+        rows.append({"name": path, "ckpt": ckpt, "stage": meta.get("stage"), "step": meta.get("step"),
+                     "metrics": metrics, "seconds": round(time.time() - t0, 1)})
+        items[path] = its
+    table = benchmarks.format_table(rows, names, sets)
+    print("\n" + table + "\n")
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    atomic_write(cfg.out + "_benchmarks.json", json.dumps({"config": cfg.__dict__, "tasks": names, "sets": sets,
+                                                            "rows": rows, "items": items}))
+    atomic_write(cfg.out + "_benchmarks.md", table + "\n")
+    log(f"wrote {cfg.out}_benchmarks.json (per-item predictions and scores) and {cfg.out}_benchmarks.md")
+    return rows
+
+
 def main(cfg):
     device = pick_device(cfg.device)
     kernels = pick_kernels(cfg.kernels, device)
+    if cfg.tasks:
+        return benchmark_main(cfg, device, kernels)
     problems = read_jsonl(os.path.join(cfg.data_dir, "heldout.jsonl"))[:cfg.n_heldout]
     val_texts = [r["text"] for r in read_jsonl(os.path.join(cfg.data_dir, "val_text.jsonl"))]
     log(f"eval: {len(problems)} held-out problems, pass@{cfg.k}, device {device}, kernels {kernels}")

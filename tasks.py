@@ -226,32 +226,46 @@ def prompt_ids(tok, question, fmt):
 # ----------------------------------------------------------------------------------------------
 # Answers and rewards
 
-_NUM = re.compile(r"-?\$?\s*-?[\d,]*\.?\d+")
+# lm-evaluation-harness's GSM8K answer filters and normalisation (lm_eval/tasks/gsm8k/gsm8k.yaml):
+# strict-match = the first "#### N"; flexible-extract = the last number-looking string anywhere.
+STRICT_MATCH = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE_EXTRACT = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+# exact_match's regexes_to_ignore, applied in this order to prediction and reference, then lower-cased
+IGNORE = [re.compile(r) for r in (",", "\\$", "(?s).*#### ", "\\.$")]
 
 
-def extract_answer(text):
-    """The number after the last '####' (GSM8K style), normalized: '$1,234.50' -> '1234.5'.
-    Returns None when there is no '####' or no number after it."""
-    if "####" not in text:
-        return None
-    tail = text.rsplit("####", 1)[1].strip()
-    m = re.match(r"(-)?\s*\$?\s*(-)?\s*(\d[\d,]*(?:\.\d+)?|\.\d+)", tail)
-    if not m:
-        return None
-    sign = "-" if (m.group(1) or m.group(2)) else ""
-    num = m.group(3).replace(",", "")
-    if "." in num:
-        num = num.rstrip("0").rstrip(".") or "0"
-    num = num.lstrip("0") or "0"
-    if num.startswith("."):
-        num = "0" + num
-    return "0" if num == "0" else sign + num
+def normalize_answer(text):
+    """The harness's exact_match normalisation: drop commas and '$', everything up to the last
+    '#### ' (so a full GSM8K reference solution reduces to its final number), one trailing period;
+    lower-case. '$1,234.' -> '1234'. No numeric canonicalisation: '3.0' stays '3.0', as in the harness."""
+    text = str(text)
+    for r in IGNORE:
+        text = r.sub("", text)
+    return text.lower()
 
 
-def exact_match_reward(completion_text, target):
-    """1.0 when the extracted answer equals the target number, else 0.0."""
-    got = extract_answer(completion_text)
-    return float(got is not None and got == extract_answer(f"#### {target}"))
+def extract_answer(text, mode="strict"):
+    """THE answer extractor (benchmarks and the GRPO reward both use it), as lm-evaluation-harness's
+    GSM8K filters do it: mode "strict" takes the number after the FIRST '#### ' (strict-match), mode
+    "flexible" the LAST number anywhere in the text (flexible-extract, e.g. 'The answer is 18.').
+    Returns the normalised answer (normalize_answer), or None when nothing matches (the harness's
+    '[invalid]', which never equals a reference)."""
+    if mode == "strict":
+        found = STRICT_MATCH.findall(text)
+        match = found[0] if found else None
+    elif mode == "flexible":
+        found = FLEXIBLE_EXTRACT.findall(text)
+        match = next((g for g in found[-1] if g), None) if found else None
+    else:
+        raise ValueError(f"extract_answer mode must be 'strict' or 'flexible', got {mode!r}")
+    return None if match is None else normalize_answer(match.strip())
+
+
+def exact_match_reward(completion_text, target, mode="strict"):
+    """1.0 when the extracted answer equals the target (a number, or a GSM8K solution ending in
+    '#### N') after the harness's normalisation, else 0.0: the reward is the benchmark's metric."""
+    got = extract_answer(completion_text, mode)
+    return float(got is not None and got == normalize_answer(target))
 
 
 def stop_at_end(text, fmt):

@@ -1,0 +1,115 @@
+"""
+Throughput of benchmarks.py's batched multiple-choice scoring against the straightforward computation
+of the same scores (one forward per (context, choice) pair, full logits, as the harness does it
+without its batching), side by side in one run, on a 135M-shaped model (SmolLM2-135M's shape, random
+weights: speed does not depend on the weights).
+
+    python bench/benchmarks.py                                 # 32 HellaSwag + 32 ARC-Easy items, CPU
+    python bench/benchmarks.py --items=200 --device=cuda       # on a GPU: writes bench/results/
+
+Items come from ../shared/data when it is there (HellaSwag, ARC-Easy: the harness's formats), else
+synthetic items of similar lengths. The tokenizer is a small BPE trained here on the items' text; the
+model keeps the 135M preset's 49152-row vocabulary, so the output layer costs what it costs in
+SmolLM2-135M. Reports items/s of each path, the speed-up, the largest |difference| of the per-choice
+log-likelihoods, and the machine's load average (the machine may be shared: compare the two paths of
+one run, not runs).
+"""
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchmarks as B  # noqa: E402
+from common import parse_config, pick_device  # noqa: E402
+from model import GPT, model_config  # noqa: E402
+from tokenizer import train_tokenizer  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    items: int = 32               # per task (HellaSwag, ARC-Easy)
+    model: str = "135m"
+    max_batch_tokens: int = 8192
+    device: str = "cpu"
+    threads: int = 0              # torch threads (0 = torch's default)
+    data_dir: str = B.DEFAULT_DATA_DIR
+    out: str = ""                 # results JSON ('' = out/bench_benchmarks_<device>.json; bench/results/ on a GPU)
+    seed: int = 0
+
+
+def synthetic_requests(rng, n):
+    words = "the a man woman sat on roof he she was better than so got harder cases steam ice rock water".split()
+
+    def text(k):
+        return " ".join(rng.choice(words) for _ in range(k))
+
+    return [B._mc(text(rng.randint(20, 60)), [text(rng.randint(8, 30)) for _ in range(4)], 0) for _ in range(n)]
+
+
+def load_requests(cfg, rng):
+    reqs = []
+    for task in ("hellaswag", "arc_easy"):
+        try:
+            docs = B.load_docs(task, cfg.data_dir, limit=cfg.items, hub=_Offline(), log=lambda *_: None)
+            reqs += [B.FORMATS[task](d) for d in docs]
+        except SystemExit:
+            reqs += synthetic_requests(rng, cfg.items)
+    return reqs
+
+
+class _Offline:
+    def list_repo_files(self, *a, **k):
+        raise ConnectionError("the benchmark never downloads")
+
+
+def main(cfg):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    rng = random.Random(cfg.seed)
+    reqs = load_requests(cfg, rng)
+    texts = [c + k for r in reqs for c, k in zip(r["contexts"], r["continuations"])]
+    tok = train_tokenizer(texts * 4, 1024)
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config(cfg.model)).to(device).eval()
+    n_choices = sum(len(r["continuations"]) for r in reqs)
+    load0 = os.getloadavg()
+    # warm-up of both paths on two items, so neither pays first-call costs
+    B.score_items(model, tok, reqs[:2], progress=False)
+    B.score_unbatched(model, tok, reqs[:2])
+    t0 = time.time()
+    batched = B.score_items(model, tok, reqs, max_batch_tokens=cfg.max_batch_tokens, progress=False)
+    t_batched = time.time() - t0
+    t0 = time.time()
+    plain = B.score_unbatched(model, tok, reqs)
+    t_plain = time.time() - t0
+    load1 = os.getloadavg()
+    diff = max(abs(a[0] - b[0]) for x, y in zip(batched, plain) for a, b in zip(x, y))
+    same_pick = sum(B.mc_metrics(r, x)["pred"] == B.mc_metrics(r, y)["pred"] for r, x, y in zip(reqs, batched, plain))
+    res = {"items": len(reqs), "choices": n_choices, "device": device, "threads": torch.get_num_threads(),
+           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+           "batched_items_per_s": len(reqs) / t_batched, "unbatched_items_per_s": len(reqs) / t_plain,
+           "speedup": t_plain / t_batched, "max_abs_loglik_diff": diff, "same_prediction": f"{same_pick}/{len(reqs)}",
+           "loadavg_1min_before_after": [round(load0[0], 2), round(load1[0], 2)], "config": asdict(cfg)}
+    print(f"{len(reqs)} items ({n_choices} choices), {cfg.model} model on {device} ({res['threads']} threads, "
+          f"load average {load0[0]:.1f} -> {load1[0]:.1f} on {res['cores']} cores)")
+    print(f"batched (packed, length-sorted): {res['batched_items_per_s']:.2f} items/s   "
+          f"one forward per choice: {res['unbatched_items_per_s']:.2f} items/s   speed-up {res['speedup']:.1f}x")
+    print(f"largest |log-likelihood difference| {diff:.2e}; same prediction on {same_pick}/{len(reqs)} items")
+    out = cfg.out or (f"bench/results/benchmarks_{device}.json" if device.startswith("cuda")
+                      else f"out/bench_benchmarks_{device}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main(parse_config(BenchConfig()))
