@@ -3,7 +3,8 @@ The end-of-pipeline report: training curves of every stage and the evaluation ta
 
     python report.py --out_dir=out/demo
 
-Reads <out_dir>/{pretrain,sft,grpo}/metrics.jsonl and <out_dir>/eval.json; writes
+Reads <out_dir>/{pretrain,sft,grpo}/metrics.jsonl, <out_dir>/eval.md and, when there is one, the
+benchmark table <out_dir>/eval_benchmarks.md (python eval.py --tasks=... --out=<out_dir>/eval); writes
 <out_dir>/report.md and <out_dir>/report.png, then prints the table.
 """
 import json
@@ -57,6 +58,11 @@ def main(cfg):
     eval_md = os.path.join(cfg.out_dir, "eval.md")
     if os.path.exists(eval_md):
         table = open(eval_md).read()
+    bench = ""
+    bench_md = os.path.join(cfg.out_dir, "eval_benchmarks.md")
+    if os.path.exists(bench_md):
+        bench = ("\n## Benchmarks (lm-evaluation-harness formats and metrics; details in eval_benchmarks.json)\n\n"
+                 + open(bench_md).read())
     sft_alpha = ""
     sft_ckpt_meta = os.path.join(cfg.out_dir, "sft", "ckpt", "meta.json")
     if os.path.exists(sft_ckpt_meta):
@@ -66,9 +72,11 @@ def main(cfg):
         sft_alpha = f"\n## SFT weight interpolation (chosen alpha = {meta.get('alpha')})\n\n{sft_alpha}\n"
     atomic_write(os.path.join(cfg.out_dir, "report.md"),
                  f"# nanoforge report: {cfg.out_dir}\n\n![curves](report.png)\n\n## Held-out evaluation\n\n"
-                 f"{table}\n{sft_alpha}")
+                 f"{table}\n{bench}{sft_alpha}")
     print(f"report: {os.path.join(cfg.out_dir, 'report.md')} and {png}\n")
     print(table)
+    if bench:
+        print(bench)
 
 
 if __name__ == "__main__":

@@ -293,3 +293,11 @@ def test_table_and_run_tasks_end_to_end(model, tok, data_dir):
     l20 = sum(metrics[t][B.HEADLINE[t]] for t in B.TASK_SETS["l20"]) / 6
     assert cells[names.index("piqa")] == pytest.approx(metrics["piqa"]["acc_norm"], abs=1e-4)
     assert cells[-2] == pytest.approx(l20, abs=1e-4)
+
+
+def test_report_shows_the_benchmark_table(tmp_path):
+    import report
+    table = "| checkpoint | piqa (acc_norm) | mean |\n|---|---:|---:|\n| out/x | 0.6123 | 0.6123 |\n"
+    (tmp_path / "eval_benchmarks.md").write_text(table)
+    report.main(report.ReportConfig(out_dir=str(tmp_path)))
+    assert table in (tmp_path / "report.md").read_text()
