@@ -51,7 +51,8 @@ class EvalConfig:
     limit: int = 0              # first N items of each task (0 = all), as the harness's --limit
     benchmark_dir: str = DEFAULT_DATA_DIR  # local eval sets (../shared/data layout); else the Hub
     hf_cache: str = "out/hf_datasets"      # where Hub downloads are cached
-    add_bos: bool = True        # <|bos|> before each context (nanoforge models are trained with it)
+    add_bos: str = "auto"       # BOS before each context: auto = yes for nanoforge-trained models (trained with
+                                # <|bos|> first), no for imported ones (the harness's default for HF causal LMs)
     max_batch_tokens: int = 8192  # packed tokens per scoring forward
     gsm8k_format: str = "auto"  # auto (the checkpoint's: plain -> 5-shot base, chat -> 0-shot chat), base, chat
     gsm8k_max_new_tokens: int = 256  # the harness's max_gen_toks
@@ -131,6 +132,8 @@ def benchmark_main(cfg, device, kernels):
     names, sets = benchmarks.parse_tasks(cfg.tasks)
     if cfg.gsm8k_format not in ("auto", "base", "chat"):
         raise SystemExit(f"error: --gsm8k_format must be auto, base or chat, got '{cfg.gsm8k_format}'")
+    if cfg.add_bos not in ("auto", "true", "false"):
+        raise SystemExit(f"error: --add_bos must be auto, true or false, got '{cfg.add_bos}'")
     log(f"eval: benchmarks {' '.join(names)}" + (f", first {cfg.limit} items each" if cfg.limit else "")
         + f", device {device}, kernels {kernels}")
     gsm8k_opts = dict(max_new_tokens=cfg.gsm8k_max_new_tokens, batch_size=cfg.gsm8k_batch_size,
@@ -140,11 +143,13 @@ def benchmark_main(cfg, device, kernels):
     for path in [p for p in cfg.ckpts.split(",") if p]:
         model, tok, meta, ckpt = load_checkpoint(path, device, kernels=kernels)
         fmt = {"auto": meta.get("fmt", "chat"), "base": "plain", "chat": "chat"}[cfg.gsm8k_format]
+        add_bos = meta.get("stage") != "import" if cfg.add_bos == "auto" else cfg.add_bos == "true"
         t0 = time.time()
         metrics, its = benchmarks.run_tasks(model, tok, names, fmt=fmt, data_dir=cfg.benchmark_dir,
-                                            cache_dir=cfg.hf_cache, limit=cfg.limit, add_bos=cfg.add_bos,
+                                            cache_dir=cfg.hf_cache, limit=cfg.limit, add_bos=add_bos,
                                             max_batch_tokens=cfg.max_batch_tokens, gsm8k_opts=gsm8k_opts, log=log)
         rows.append({"name": path, "ckpt": ckpt, "stage": meta.get("stage"), "step": meta.get("step"),
+                     "gsm8k_format": fmt, "add_bos": add_bos,
                      "metrics": metrics, "seconds": round(time.time() - t0, 1)})
         items[path] = its
     table = benchmarks.format_table(rows, names, sets)

@@ -301,3 +301,32 @@ def test_report_shows_the_benchmark_table(tmp_path):
     (tmp_path / "eval_benchmarks.md").write_text(table)
     report.main(report.ReportConfig(out_dir=str(tmp_path)))
     assert table in (tmp_path / "report.md").read_text()
+
+
+def test_eval_cli_one_table_across_checkpoints_and_per_item_json(model, tok, data_dir, tmp_path, capsys):
+    import eval as ev
+    from dataclasses import dataclass
+    from common import save_checkpoint
+
+    @dataclass
+    class Cfg:
+        note: str = "test"
+
+    for name, fmt in (("a", "plain"), ("b", "chat")):
+        save_checkpoint(str(tmp_path / name), stage="pretrain", step=0, model=model, tok=tok, train_cfg=Cfg(),
+                        extra={"fmt": fmt})
+    out = str(tmp_path / "res" / "eval")
+    cfg = ev.EvalConfig(ckpts=f"{tmp_path / 'a'},{tmp_path / 'b'}", tasks="piqa,winogrande,gsm8k",
+                        benchmark_dir=data_dir, hf_cache=str(tmp_path / "cache"), gsm8k_max_new_tokens=8, out=out)
+    ev.main(cfg)
+    md = open(out + "_benchmarks.md").read()
+    assert md in capsys.readouterr().out
+    assert len(md.strip().splitlines()) == 4  # header, rule, one row per checkpoint
+    res = json.load(open(out + "_benchmarks.json"))
+    assert [r["gsm8k_format"] for r in res["rows"]] == ["plain", "chat"]
+    for path in (str(tmp_path / "a"), str(tmp_path / "b")):
+        piqa = res["items"][path]["piqa"]
+        assert len(piqa) == 2 and all(len(it["scores"]) == 2 and it["pred"] in (0, 1) for it in piqa)
+        assert "completion" in res["items"][path]["gsm8k"][0]
+    with pytest.raises(SystemExit, match="unknown task"):
+        ev.main(ev.EvalConfig(ckpts=str(tmp_path / "a"), tasks="gsm9k", out=out))
