@@ -62,7 +62,6 @@ DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "..", "shared", "data")
 
 EVAL_SETS = {
     "gsm8k": ("gsm8k/test.jsonl", "openai/gsm8k", "main/test-*.parquet"),
-    "gsm8k_train": ("gsm8k/train.jsonl", "openai/gsm8k", "main/train-*.parquet"),  # few-shot pool only
     "arc_easy": ("arc_easy/ARC-Easy-Test.jsonl", "allenai/ai2_arc", "ARC-Easy/test-*.parquet"),
     "arc_challenge": ("arc_challenge/ARC-Challenge-Test.jsonl", "allenai/ai2_arc", "ARC-Challenge/test-*.parquet"),
     "hellaswag": ("hellaswag/hellaswag_val*.jsonl", "Rowan/hellaswag", "data/validation-*.parquet"),
@@ -76,6 +75,8 @@ EVAL_SETS = {
     "commonsenseqa": ("commonsenseqa/dev_rand_split.jsonl", "tau/commonsense_qa", "data/validation-*.parquet"),
     "siqa": ("siqa/dev.jsonl", None, None),
 }
+# Few-shot pools: read the same way, but training data, so never decontaminated against.
+FEWSHOT_SETS = {"gsm8k_train": ("gsm8k/train.jsonl", "openai/gsm8k", "main/train-*.parquet")}
 
 MC_TASKS = ["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "lambada_openai", "mmlu"]
 TASKS = MC_TASKS + ["gsm8k"]
@@ -115,7 +116,7 @@ def _hub():
 
 def download_eval_set(name, cache_dir, hub=None):
     """The Hub files of an eval set, downloaded once into cache_dir/<name>/ (hf_hub_download caches)."""
-    _, repo, pattern = EVAL_SETS[name]
+    _, repo, pattern = {**EVAL_SETS, **FEWSHOT_SETS}[name]
     if repo is None:
         return []
     hub = hub or _hub()
@@ -125,17 +126,18 @@ def download_eval_set(name, cache_dir, hub=None):
 
 def find_eval_files(name, data_dir=DEFAULT_DATA_DIR, cache_dir="out/hf_datasets", hub=None):
     """Local files of an eval set, else its Hub download. A set that is neither: one clear line."""
-    files = sorted(glob.glob(os.path.join(data_dir, EVAL_SETS[name][0])))
+    local = {**EVAL_SETS, **FEWSHOT_SETS}[name][0]
+    files = sorted(glob.glob(os.path.join(data_dir, local)))
     if files:
         return files
     try:
         files = download_eval_set(name, cache_dir, hub)
     except Exception as e:
-        raise SystemExit(f"error: eval set {name}: no {EVAL_SETS[name][0]} under {data_dir} and the Hugging Face "
+        raise SystemExit(f"error: eval set {name}: no {local} under {data_dir} and the Hugging Face "
                          f"Hub is unreachable ({type(e).__name__}). Pass --benchmark_dir=<folder with that layout>, "
                          f"or run once with a network")
     if not files:
-        raise SystemExit(f"error: eval set {name}: no {EVAL_SETS[name][0]} under {data_dir} and nothing to download "
+        raise SystemExit(f"error: eval set {name}: no {local} under {data_dir} and nothing to download "
                          f"for it; pass --benchmark_dir=<folder with that layout>")
     return files
 

@@ -6,6 +6,11 @@ weights: speed does not depend on the weights).
 
     python bench/benchmarks.py                                 # 32 HellaSwag + 32 ARC-Easy items, CPU
     python bench/benchmarks.py --items=200 --device=cuda       # on a GPU: writes bench/results/
+    python bench/benchmarks.py --hf_compare=out/smollm2 --hf_gguf=.../SmolLM2-135M-Instruct.Q4_1.gguf --items=5
+
+--hf_compare: an imported checkpoint (hf.py import) against transformers' own forward of the same weights
+(transformers is a test-time dependency; only this option imports it): the per-choice log-likelihoods of
+the harness's requests, and whether both tokenizers give the same ids.
 
 Items come from ../shared/data when it is there (HellaSwag, ARC-Easy: the harness's formats), else
 synthetic items of similar lengths. The tokenizer is a small BPE trained here on the items' text; the
@@ -41,6 +46,8 @@ class BenchConfig:
     data_dir: str = B.DEFAULT_DATA_DIR
     out: str = ""                 # results JSON ('' = out/bench_benchmarks_<device>.json; bench/results/ on a GPU)
     seed: int = 0
+    hf_compare: str = ""          # an imported checkpoint to compare with transformers (see above)
+    hf_gguf: str = ""             # the GGUF (or HF model directory) transformers loads for --hf_compare
 
 
 def synthetic_requests(rng, n):
@@ -68,7 +75,52 @@ class _Offline:
         raise ConnectionError("the benchmark never downloads")
 
 
+@torch.no_grad()
+def hf_compare(cfg):
+    """Log-likelihoods of nanoforge (batched scoring of an imported checkpoint) vs transformers' forward."""
+    import transformers
+    from common import load_checkpoint
+    model, tok, meta, _ = load_checkpoint(cfg.hf_compare, "cpu")
+    model.eval()
+    path = cfg.hf_gguf
+    kw = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}
+    src = os.path.dirname(path) if path.endswith(".gguf") else path
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32, **kw).eval()
+    ref_tok = transformers.AutoTokenizer.from_pretrained(src, **kw)
+    reqs = []
+    for task in ("hellaswag", "arc_easy", "winogrande", "mmlu"):
+        docs = B.load_docs(task, cfg.data_dir, limit=cfg.items, hub=_Offline(), log=lambda *_: None)
+        reqs += [B.FORMATS[task](d) for d in docs]
+    add_bos = meta.get("stage") != "import"
+
+    class hf_encoder:
+        bos_id = None
+
+        @staticmethod
+        def encode(text):
+            return ref_tok(text, add_special_tokens=False)["input_ids"]
+
+    ours = B.score_items(model, tok, reqs, add_bos=add_bos, progress=False)
+    worst, same_ids, n = 0.0, 0, 0
+    for r, o in zip(reqs, ours):
+        for (ctx, cont), (ll, _, _) in zip(zip(r["contexts"], r["continuations"]), o):
+            c_ids, k_ids = B.encode_pair(tok, ctx, cont, add_bos)
+            ref_pair = B.encode_pair(hf_encoder, ctx, cont, add_bos=False)  # the harness's split, HF's tokenizer
+            same_ids += ref_pair == (c_ids[1:] if add_bos else c_ids, k_ids)
+            x = torch.tensor(c_ids + k_ids)[None]
+            logp = ref(x).logits[0, :-1].float().log_softmax(-1)
+            want = float(logp[len(c_ids) - 1:].gather(1, torch.tensor(k_ids)[:, None]).double().sum())
+            worst = max(worst, abs(want - ll))
+            n += 1
+    res = {"pairs": n, "max_abs_loglik_diff_vs_transformers": worst, "same_token_ids": f"{same_ids}/{n}",
+           "transformers": transformers.__version__, "checkpoint": cfg.hf_compare, "weights": path}
+    print(json.dumps(res, indent=1))
+    return res
+
+
 def main(cfg):
+    if cfg.hf_compare:
+        return hf_compare(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
