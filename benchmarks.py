@@ -416,6 +416,27 @@ def _pack(seqs):
     return tokens, positions, owner, where, targets
 
 
+class _TreeAttention:
+    """Stands where generation's KV cache stands in model.Attention: every layer attends with the packed
+    rows' tree mask (True = attend) instead of a causal one. Nothing is cached."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def __getitem__(self, layer):
+        return self
+
+    def attend(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=q.size(1) != k.size(1))
+
+
+def _tree_hidden_states(model, idx, pos, mask):
+    try:  # model.py before the sampling engine: hidden_states takes the attention mask itself
+        return model.hidden_states(idx, pos, None, mask)
+    except TypeError:  # with engine.py, Attention attends through the cache object it is given
+        return model.hidden_states(idx, pos, _TreeAttention(mask))
+
+
 @torch.no_grad()
 def score_items(model, tok, reqs, add_bos=True, max_batch_tokens=8192, desc=None, progress=True):
     """Batched scoring. reqs: request dicts (see FORMATS). -> per item a list over choices of
@@ -447,7 +468,7 @@ def score_items(model, tok, reqs, add_bos=True, max_batch_tokens=8192, desc=None
         oq, ok = own[:, :, None], own[:, None, :]
         mask = causal & ((ok == -1) | (ok == oq)) & (ok != -2)
         mask = mask | torch.eye(L, dtype=torch.bool)[None]  # padded queries see themselves: no NaN, never read
-        h = model.hidden_states(idx.to(device), pos.to(device), None, mask[:, None].to(device))
+        h = _tree_hidden_states(model, idx.to(device), pos.to(device), mask[:, None].to(device))
         flat_pos, flat_tgt = [], []
         for b, i in enumerate(batch):
             for w, t in zip(packed[i][3], packed[i][4]):
@@ -564,24 +585,40 @@ def cut_at_stop(text, stops):
     return text
 
 
-def generate_texts(model, prompts, stop_id, max_new_tokens, temperature, batch_size, seed, desc=None, progress=True):
-    """The one place benchmarks sample from a model: prompts (token id lists) -> completion token ids.
-    Prompts are sorted by length so each batch pads little; the order of the result is the input's."""
-    from model import generate
+def generate_texts(model, prompts, stop_ids, max_new_tokens, temperature, batch_size, seed, n=1, desc=None,
+                   progress=True):
+    """The one place benchmarks sample from a model: prompts (token id lists) -> for each prompt, n
+    completions (token ids, stop token included). Prompts are sorted by length so each batch pads little;
+    the result is in the input's order."""
     device = model.embed.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, leave=False, disable=not progress)
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
-        res = generate(model, [prompts[i] for i in chunk], max_new_tokens, stop_id=stop_id,
-                       temperature=temperature, generator=gen)
-        for i, r in zip(chunk, res):
-            out[i] = r
+    step = max(1, batch_size // n)
+    for s in range(0, len(order), step):
+        chunk = order[s:s + step]
+        for i, samples in zip(chunk, _sample(model, [prompts[i] for i in chunk], n, stop_ids, max_new_tokens,
+                                             temperature, gen)):
+            out[i] = samples
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+def _sample(model, prompts, n, stop_ids, max_new_tokens, temperature, gen):
+    try:
+        from engine import Engine  # THE sampling engine (issue 12): n samples share their prompt's prefill
+    except ImportError:  # model.py's generate before the engine
+        from model import generate
+        rep = [p for p in prompts for _ in range(n)]
+        res = generate(model, rep, max_new_tokens, stop_id=stop_ids[0] if stop_ids else None,
+                       temperature=temperature, generator=gen)
+        return [res[i * n:(i + 1) * n] for i in range(len(prompts))]
+    out = Engine(model, max_batch=len(prompts) * n).generate(prompts, n=n, max_new_tokens=max_new_tokens,
+                                                              stop_tokens=stop_ids, temperature=temperature,
+                                                              generator=gen)
+    return [[s.tokens for s in group] for group in out]
 
 
 def gsm8k_prompt_ids(tok, doc, shots, fmt, max_len, max_new_tokens, add_bos=True):
@@ -605,11 +642,12 @@ def run_gsm8k(model, tok, docs, train, fmt="plain", add_bos=True, max_new_tokens
     max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len // 2)
     prompts = [gsm8k_prompt_ids(tok, d, s, fmt, model.cfg.max_seq_len, max_new_tokens, add_bos)
                for d, s in zip(docs, shots)]
-    stop_id = tok.end_id if fmt == "chat" else getattr(tok, "bos_id", None)
+    stop_ids = list(getattr(tok, "stop_ids", None) or [tok.end_id]) if fmt == "chat" else \
+        [i for i in [getattr(tok, "bos_id", None)] if i is not None]
     stops = GSM8K_STOP + (["<|end|>"] if fmt == "chat" else [])
     t0 = time.time()
-    greedy = generate_texts(model, prompts, stop_id, max_new_tokens, 0.0, batch_size, seed, "gsm8k", progress)
-    texts = [cut_at_stop(tok.decode(g), stops) for g in greedy]
+    greedy = generate_texts(model, prompts, stop_ids, max_new_tokens, 0.0, batch_size, seed, 1, "gsm8k", progress)
+    texts = [cut_at_stop(tok.decode(g[0]), stops) for g in greedy]
     items, strict, flex = [], 0, 0
     for n, (d, t) in enumerate(zip(docs, texts)):
         gold = normalize_answer(d["answer"])
@@ -621,11 +659,10 @@ def run_gsm8k(model, tok, docs, train, fmt="plain", add_bos=True, max_new_tokens
     N = len(docs)
     metrics = {"n": N, "exact_match,strict-match": strict / N, "exact_match,flexible-extract": flex / N}
     if n_samples > 0:
-        rep = [p for p in prompts for _ in range(n_samples)]
-        samp = generate_texts(model, rep, stop_id, max_new_tokens, temperature, batch_size, seed + 1,
-                              "gsm8k samples", progress)
+        samp = generate_texts(model, prompts, stop_ids, max_new_tokens, temperature, batch_size, seed + 1,
+                              n_samples, "gsm8k samples", progress)
         for n, it in enumerate(items):
-            outs = [cut_at_stop(tok.decode(g), stops) for g in samp[n * n_samples:(n + 1) * n_samples]]
+            outs = [cut_at_stop(tok.decode(g), stops) for g in samp[n]]
             c = sum(extract_answer(o, "strict") == it["gold"] for o in outs)
             it["samples_correct"] = c
         metrics[f"mean@{n_samples}"] = sum(it["samples_correct"] for it in items) / (N * n_samples)
