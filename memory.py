@@ -201,6 +201,18 @@ def auto_micro_batch(model, global_batch, seq_len, device, kernels, headroom=0.9
                      f"try --gradient_checkpointing=true or a shorter --seq_len (python memory.py shows the plan)")
 
 
+def nothing_fits_hint(cfg, mc, card_bytes):
+    """What to change when not even one sequence fits."""
+    fixed = peak_bytes({**estimate(cfg, dataclasses.replace(mc, batch=1)), "activations": 0, "loss": 0,
+                        "KV cache (rollouts)": 0})
+    if fixed > card_bytes:
+        return (f"weights, gradients, AdamW state" + (", reference" if mc.stage == "grpo" and mc.reference else "")
+                + f" and overhead alone need {fixed / GiB:.1f} GiB: this card cannot fully "
+                f"fine-tune the model; use a bigger card or shard across GPUs")
+    hint = [] if mc.gradient_checkpointing else ["--gradient_checkpointing=true"]
+    return "try " + ", ".join(hint + ["a shorter --seq_len"] + (["fewer --rollouts"] if mc.stage == "grpo" else []))
+
+
 def report(cfg, mc):
     parts = estimate(cfg, mc)
     total_params, _ = param_counts(cfg)
@@ -218,8 +230,7 @@ def report(cfg, mc):
         fits = total <= gb * 1e9
         mb = largest_micro_batch(cfg, mc, gb * 1e9)
         lines.append(f"  {gb:g} GB card: {'fits' if fits else 'does NOT fit'}; largest micro-batch that fits: "
-                     + (f"{mb}" if mb else "none (even 1 sequence is too much: try --gradient_checkpointing=true, "
-                                           "a shorter --seq_len or fewer --rollouts)"))
+                     + (f"{mb}" if mb else "none (" + nothing_fits_hint(cfg, mc, gb * 1e9) + ")"))
     return "\n".join(lines), total
 
 
