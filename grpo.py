@@ -1,24 +1,46 @@
 """
-Reinforcement learning from verifiable rewards: GRPO (DeepSeekMath, arXiv 2402.03300).
+Reinforcement learning from verifiable rewards: GRPO (DeepSeekMath, arXiv 2402.03300) and the small-model
+recipes built on it, as named options of one config (TRL's GRPOConfig names where TRL has them).
 
     python grpo.py --init_from=out/sft --data=out/data/rl.jsonl --out_dir=out/grpo
+    python grpo.py --recipe=dapo --epsilon_high=0.3 ...   # a preset; explicit flags override it
 
 One iteration, top to bottom in `main`:
-  1. draw `prompts_per_iter` problems and sample `group_size` completions for each (temperature),
-  2. reward = 1 if the number after '####' equals the answer, else 0,
-  3. advantage of each completion = (reward - group mean) / (group std + eps)       group_advantages
-  4. per-token log-probs under the policy; the clipped-ratio surrogate, each sequence's token
-     losses averaged over its length, then over sequences, plus an optional k3 KL to the frozen
-     starting policy                                                                  grpo_loss
-  5. `ppo_epochs` optimizer steps on that batch (1 = strictly on-policy: the ratio is 1 and the
-     clip never binds, as in most small-model recipes).
-Logged per iteration: reward mean, accuracy, KL to the reference, mean response length, the fraction
-of groups whose rewards are all equal (they carry no learning signal), the clipped-token fraction.
+  1. sample (`rollout`): draw `prompts_per_iter` problems and sample `group_size` (TRL: num_generations)
+     completions for each at `temperature` / `top_p`, with a response budget that may follow a schedule
+     (`max_new_tokens_schedule`, ProRL 8k -> 16k). Dynamic sampling (DAPO Alg. 1, ProRL) drops groups whose
+     correctness is all equal and draws more prompts until `prompts_per_iter` informative groups are in,
+     at most `max_sampling_rounds` rounds. Before the first iteration an optional difficulty pre-filter
+     (VibeThinker-3B) drops the training prompts the starting policy always or never solves.
+  2. rewards (`score`): a weighted sum (`reward_funcs`, `reward_weights`) of correctness (the task's exact
+     answer, the same extractor as the evaluation), format, Open-RS's cosine length reward (Yeo et al.) and
+     DAPO's soft overlong punishment. Binary correctness is kept beside the shaped reward: dynamic sampling,
+     MGPO and the pass rates read it, never the shaped sum.
+  3. advantages (`group_advantages`): r - group mean (GRPO), or the leave-one-out baseline (RLOO), divided
+     by the group's std (GRPO), the batch's std (`scale_rewards=batch`) or nothing (Dr. GRPO); a group
+     whose rewards are all equal gets exactly 0; MGPO (VibeThinker) weights each group by
+     exp(-lambda * KL(Bern(p) || Bern(0.5))), p its pass rate.
+  4. per-token log-probs of the sampled tokens under the sampling policy (and the reference), at the
+     sampling temperature (logits / T, as TRL and verl do).
+  5. `num_iterations` (PPO epochs, mu) passes of optimizer steps on that batch (`grpo_loss`): the clipped
+     ratio with decoupled bounds 1-epsilon, 1+epsilon_high (DAPO clip-higher) per token or per sequence
+     (GSPO), plus beta * k3 KL to the reference; aggregated as `loss_type` (grpo: mean over sequences of
+     token means; dapo: token sum / token count of the whole batch; dr_grpo: token sum / (sequences *
+     max_new_tokens)) with the normaliser fixed before the micro-batch loop, so gradient accumulation
+     gives the gradient of one big batch. Truncated completions can be left out (`mask_truncated_completions`).
+  6. ProRL's hard reset: the reference becomes the current policy (and, `reset_optimizer`, the optimizer
+     state is cleared) every `ref_reset_every` iterations or when held-out pass@1 has not improved for
+     `ref_reset_patience` evaluations.
+Logged per iteration: reward, accuracy, KL, response length, truncation rate, the fraction of sampled groups
+whose correctness is all equal (no learning signal), dynamic-sampling rounds and drops, clip fractions
+(low side, high side), mean |advantage| and MGPO's mean weight. Presets: RECIPES below.
 """
+import json
+import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
@@ -26,8 +48,8 @@ from tqdm import tqdm
 from common import (Metrics, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
                     pick_device, pick_kernels, save_checkpoint, seed_everything)
 from eval import heldout_accuracy
-from model import generate
-from tasks import exact_match_reward, prompt_ids, read_jsonl
+from model import generate, output_logprobs
+from tasks import exact_match_reward, extract_answer, prompt_ids, read_jsonl
 
 
 @dataclass
@@ -37,21 +59,54 @@ class GRPOConfig:
     heldout: str = "out/data/heldout.jsonl"
     out_dir: str = "out/grpo"
     resume: bool = False
+    recipe: str = ""                         # preset: grpo|dapo|dr_grpo|prorl|openrs|mgpo (RECIPES); flags override
     iterations: int = 40
     prompts_per_iter: int = 16
-    group_size: int = 8
-    temperature: float = 1.0
+    group_size: int = 8                      # TRL's num_generations: completions per prompt
+    # sampling and curriculum
+    temperature: float = 1.0                 # ProRL 1.2
     top_p: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64                 # the response budget (TRL's max_completion_length)
+    max_new_tokens_schedule: str = ""        # "iter:tokens,..." from that iteration on; iter with a '.' = fraction
+                                             # of iterations, tokens ending in 'x' = multiple of max_new_tokens
+                                             # (ProRL 8k -> 16k late: "0.9:2x")
+    dynamic_sampling: bool = False           # DAPO/ProRL: keep only groups with 0 < pass rate < 1, draw more
+    max_sampling_rounds: int = 10            # cap on dynamic-sampling rounds per iteration (verl: 10)
+    prefilter_samples: int = 0               # difficulty pre-filter (VibeThinker-3B): k samples per prompt, drop
+                                             # prompts at pass rate 0 or 1 under the starting policy (0 = off)
+    prefilter_pool: int = 0                  # prompts measured by the pre-filter (0 = all training prompts)
+    difficulty_mix: str = ""                 # Open-RS easy/hard mixing: "path:ratio,path:ratio" (replaces data)
+    # rewards
+    reward_funcs: str = "correctness"        # comma list of correctness, format, cosine, overlong
+    reward_weights: str = ""                 # comma list of floats, one per reward func ("" = all 1)
+    soft_punish_cache: int = 0               # DAPO overlong: L_cache tokens before the budget (L_max) (0 = off)
+    cosine_min_value_wrong: float = -1.0     # Open-RS/Yeo cosine reward, lengths in tokens, progress clamped
+    cosine_max_value_wrong: float = -0.5     # a wrong answer: -1 when short, -0.5 at the budget
+    cosine_min_value_correct: float = 0.5    # a correct answer: 1 when short, 0.5 at the budget
+    cosine_max_value_correct: float = 1.0
+    cosine_max_len: int = 0                  # tokens (0 = the current response budget)
+    # advantages
+    advantage: str = "grpo"                  # grpo: r - mean | rloo: r - mean of the others = G/(G-1) (r - mean)
+    scale_rewards: str = "group"             # group (GRPO) | batch | none (Dr. GRPO)
+    mgpo_lambda: float = 0.0                 # MGPO entropy-deviation weight (VibeThinker; 0 = off)
+    adv_eps: float = 1e-4                    # added to the std (TRL 1e-4)
+    # loss
+    loss_type: str = "grpo"                  # grpo | dapo | dr_grpo (see grpo_loss)
+    epsilon: float = 0.2                     # clip: ratio in [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float = 0.0                # 0 = same as epsilon (DAPO 0.28, ProRL 0.4)
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    mask_truncated_completions: bool = False  # DAPO overlong filtering: truncated completions out of the loss
+    num_iterations: int = 1                  # PPO epochs on each batch (mu); > 1 moves the ratio off 1
+    beta: float = 0.0                        # weight of the k3 KL to the reference (DeepSeekMath 0.04)
+    log_kl: bool = True                      # keep a reference to log the KL even at beta = 0
+    ref_reset_every: int = 0                 # ProRL hard reset of the reference every N iterations (0 = never)
+    ref_reset_patience: int = 0              # ... or after N evaluations without a better held-out pass@1 (0 = off)
+    reset_optimizer: bool = False            # a reset also clears the optimizer state (ProRL)
+    # optimisation
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ppo_epochs: int = 1
     micro_batch: int = 64                    # sequences per forward/backward (gradient accumulation)
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0                     # weight of the k3 KL penalty to the starting policy (0 = none)
-    log_kl: bool = True                      # keep the starting policy as reference to log the KL even at kl_coef=0
-    adv_eps: float = 1e-4
     eval_interval: int = 10
     n_eval: int = 200
     seed: int = 1337
@@ -59,38 +114,275 @@ class GRPOConfig:
     kernels: str = "auto"
 
 
-def group_advantages(rewards, eps=1e-4):
-    """rewards (P, G) -> advantages (P, G): standardized within each prompt's group."""
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, keepdim=True)  # unbiased, as in DeepSeekMath / TRL
-    return (rewards - mean) / (std + eps)
+# Presets: each paper's values for the fields above. Budget-dependent values (token lengths) are scaled to
+# the embedded task's 64-token budget where the paper's are in thousands; `--recipe=X --field=v` overrides.
+RECIPES = {
+    # DeepSeekMath GRPO: std-scaled group advantages, sequence-mean of token-means, k3 KL with beta 0.04
+    "grpo": dict(loss_type="grpo", scale_rewards="group", advantage="grpo", beta=0.04, epsilon=0.2,
+                 epsilon_high=0.0),
+    # DAPO: clip-higher 0.2/0.28, dynamic sampling, token-level loss, soft overlong punishment
+    # (L_cache 4096 of L_max 20480 = 20% of the budget -> 13 of 64 tokens), no KL
+    "dapo": dict(loss_type="dapo", scale_rewards="group", epsilon=0.2, epsilon_high=0.28, dynamic_sampling=True,
+                 beta=0.0, reward_funcs="correctness,overlong", soft_punish_cache=13),
+    # Dr. GRPO: no std scaling, token sum over a constant (sequences x max_new_tokens), no KL
+    "dr_grpo": dict(loss_type="dr_grpo", scale_rewards="none", beta=0.0, epsilon=0.2, epsilon_high=0.0),
+    # ProRL (Nemotron-Research-Reasoning-Qwen-1.5B): clip 0.2/0.4, dynamic sampling, token-level loss,
+    # beta 1e-4 (the value usually quoted; the v1 text does not state it), reference + optimizer reset every
+    # 400 steps, temperature 1.2, response budget doubled for the last ~10% (8k -> 16k)
+    "prorl": dict(loss_type="dapo", scale_rewards="group", epsilon=0.2, epsilon_high=0.4, dynamic_sampling=True,
+                  beta=1e-4, ref_reset_every=400, reset_optimizer=True, temperature=1.2,
+                  max_new_tokens_schedule="0.9:2x"),
+    # Open-RS Exp. 3: format + cosine length reward weighted 1:2, beta 0.04, 6 generations, temperature 0.7,
+    # a token mean over the batch (its TRL commit's local-batch token mean)
+    "openrs": dict(loss_type="dapo", scale_rewards="group", beta=0.04, group_size=6, temperature=0.7,
+                   reward_funcs="format,cosine", reward_weights="1,2"),
+    # MGPO (VibeThinker): GRPO's sequence-mean of token-means, no KL, groups weighted by their pass rate's
+    # distance from 0.5; lambda is not given in the papers (4.0 as in third-party code)
+    "mgpo": dict(loss_type="grpo", scale_rewards="group", beta=0.0, mgpo_lambda=4.0),
+}
+
+CHOICES = {"loss_type": ("grpo", "dapo", "dr_grpo"), "scale_rewards": ("group", "batch", "none"),
+           "advantage": ("grpo", "rloo"), "importance_sampling_level": ("token", "sequence")}
+REWARD_FUNCS = ("correctness", "format", "cosine", "overlong")
 
 
-def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, kl_coef=0.0):
-    """The GRPO objective, negated for minimization.
+def config_from_args(argv=None):
+    """GRPOConfig from the command line: the `--recipe` preset first, then every explicit flag over it."""
+    cfg = parse_config(GRPOConfig(), argv)
+    if cfg.recipe:
+        if cfg.recipe not in RECIPES:
+            raise SystemExit(f"error: unknown --recipe '{cfg.recipe}'; choose one of {', '.join(RECIPES)}")
+        cfg = parse_config(apply_recipe(GRPOConfig(), cfg.recipe), argv)
+    return cfg
 
-    logp, old_logp, ref_logp: (N, T) per-token log-probs of the sampled tokens under the policy
-    being trained, the policy that sampled them, and the reference; advantages: (N,); mask: (N, T),
-    1 on completion tokens. Returns (loss, stats)."""
-    ratio = torch.exp(logp - old_logp)
+
+def apply_recipe(cfg, name):
+    for k, v in RECIPES[name].items():
+        setattr(cfg, k, v)
+    cfg.recipe = name
+    return cfg
+
+
+def check_config(cfg):
+    for k, ok in CHOICES.items():
+        if getattr(cfg, k) not in ok:
+            raise SystemExit(f"error: --{k} must be one of {', '.join(ok)}, got '{getattr(cfg, k)}'")
+    if cfg.group_size < 2:
+        raise SystemExit("error: --group_size must be >= 2: advantages are relative to the other samples of a group")
+    funcs, weights = reward_spec(cfg)
+    if len(funcs) != len(weights):
+        raise SystemExit(f"error: --reward_weights has {len(weights)} values for {len(funcs)} --reward_funcs")
+    if "overlong" in funcs and cfg.soft_punish_cache <= 0:
+        raise SystemExit("error: the overlong reward needs --soft_punish_cache > 0 (L_cache, in tokens)")
+    response_budget(cfg, 0)  # parses the schedule
+
+
+def reward_spec(cfg):
+    funcs = [f.strip() for f in cfg.reward_funcs.split(",") if f.strip()]
+    for f in funcs:
+        if f not in REWARD_FUNCS:
+            raise SystemExit(f"error: unknown reward '{f}' in --reward_funcs; choose from {', '.join(REWARD_FUNCS)}")
+    try:
+        weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(funcs)
+    except ValueError:
+        raise SystemExit(f"error: --reward_weights must be comma-separated numbers, got '{cfg.reward_weights}'")
+    return funcs, weights
+
+
+def response_budget(cfg, it):
+    """max_new_tokens at iteration `it` under `max_new_tokens_schedule` ("iter:tokens,..."; see GRPOConfig)."""
+    budget = cfg.max_new_tokens
+    for entry in filter(None, (e.strip() for e in cfg.max_new_tokens_schedule.split(","))):
+        try:
+            at, tokens = entry.split(":")
+            start = round(float(at) * cfg.iterations) if "." in at else int(at)
+            n = round(float(tokens[:-1]) * cfg.max_new_tokens) if tokens.endswith("x") else int(tokens)
+        except ValueError:
+            raise SystemExit(f"error: --max_new_tokens_schedule entry '{entry}' is not iteration:tokens "
+                             f"(e.g. 100:128, 0.9:2x)")
+        if it >= start:
+            budget = n
+    return budget
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Rewards. Each takes one completion; `score` weighs and sums them.
+
+def correctness_reward(text, target):
+    """1 when the extracted answer equals the target (tasks.extract_answer, the evaluation's extractor)."""
+    return exact_match_reward(text, target)
+
+
+def format_reward(text):
+    """1 when the completion states exactly one final answer as '#### N', else 0."""
+    return float(text.count("####") == 1 and extract_answer(text) is not None)
+
+
+def cosine_length_reward(correct, length, max_len, min_value_wrong=-1.0, max_value_wrong=-0.5,
+                         min_value_correct=0.5, max_value_correct=1.0):
+    """Open-RS's cosine-scaled correctness (Yeo et al. 2502.03373), with the shape of its source:
+    a correct answer earns max_value_correct when short, min_value_correct at max_len; a wrong one
+    min_value_wrong when short, max_value_wrong at max_len (thinking longer is penalised less).
+    Length in tokens, progress clamped to [0, 1] (Open-RS counts characters and wraps past max_len)."""
+    progress = min(max(length / max_len, 0.0), 1.0)
+    c = math.cos(math.pi * progress)
+    lo, hi = (min_value_correct, max_value_correct) if correct else (max_value_wrong, min_value_wrong)
+    return lo + 0.5 * (hi - lo) * (1.0 + c)
+
+
+def soft_overlong_punishment(length, max_len, cache):
+    """DAPO Eq. 13: 0 up to max_len - cache tokens, then a linear ramp to -1 at max_len, -1 beyond."""
+    if length <= max_len - cache:
+        return 0.0
+    if length <= max_len:
+        return ((max_len - cache) - length) / cache
+    return -1.0
+
+
+def score(texts, lengths, targets, cfg, budget):
+    """-> (reward (N,), correct (N,) in {0, 1}, {func: mean}) for N completions."""
+    funcs, weights = reward_spec(cfg)
+    correct = [correctness_reward(t, y) for t, y in zip(texts, targets)]
+    total = [0.0] * len(texts)
+    means = {}
+    for name, w in zip(funcs, weights):
+        if name == "correctness":
+            vals = correct
+        elif name == "format":
+            vals = [format_reward(t) for t in texts]
+        elif name == "cosine":
+            vals = [cosine_length_reward(c, n, cfg.cosine_max_len or budget, cfg.cosine_min_value_wrong,
+                                         cfg.cosine_max_value_wrong, cfg.cosine_min_value_correct,
+                                         cfg.cosine_max_value_correct) for c, n in zip(correct, lengths)]
+        else:  # overlong: L_max is the current response budget
+            vals = [soft_overlong_punishment(n, budget, cfg.soft_punish_cache) for n in lengths]
+        total = [a + w * v for a, v in zip(total, vals)]
+        means[f"reward_{name}"] = sum(vals) / max(1, len(vals))
+    return torch.tensor(total), torch.tensor(correct), means
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Advantages
+
+def mgpo_weights(pass_rate, lam):
+    """MGPO (VibeThinker §3.4): w = exp(-lam * KL(Bern(p) || Bern(0.5))), 1 at p = 0.5, 2^-lam at p in {0, 1}."""
+    p = pass_rate.double()
+    kl = torch.xlogy(p, 2 * p) + torch.xlogy(1 - p, 2 * (1 - p))  # 0 log 0 = 0
+    return torch.exp(-lam * kl).to(pass_rate.dtype)
+
+
+def group_advantages(rewards, correct=None, scale_rewards="group", advantage="grpo", mgpo_lambda=0.0, eps=1e-4):
+    """rewards (P, G) -> advantages (P, G), one group of G completions per prompt.
+
+    advantage grpo: r - group mean (DeepSeekMath); rloo: r - mean of the other G-1 = G/(G-1) (r - mean)
+    (Ahmadian et al.). scale_rewards group: / (group std + eps) (GRPO; unbiased std as TRL and verl);
+    batch: / (std over the batch + eps); none: unscaled (Dr. GRPO). A group whose raw rewards are all
+    equal (max - min = 0) gets exactly 0, never a float-noise std's huge ratio. mgpo_lambda > 0: each
+    group times mgpo_weights(p), p its pass rate from the binary `correct` (P, G)."""
+    G = rewards.size(1)
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    if advantage == "rloo":
+        adv = adv * G / (G - 1)
+    if scale_rewards == "group":
+        adv = adv / (rewards.std(dim=1, keepdim=True) + eps)
+    elif scale_rewards == "batch":
+        adv = adv / (rewards.std() + eps)
+    constant = (rewards.max(dim=1).values - rewards.min(dim=1).values) == 0
+    adv = torch.where(constant[:, None], torch.zeros_like(adv), adv)
+    if mgpo_lambda > 0:
+        adv = adv * mgpo_weights(correct.float().mean(dim=1), mgpo_lambda)[:, None]
+    return adv
+
+
+def informative_groups(correct):
+    """(P, G) binary correctness -> (P,) bool: some but not all completions are correct (max != min)."""
+    return correct.max(dim=1).values != correct.min(dim=1).values
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The loss
+
+def grpo_loss(logp, old_logp, advantages, mask, epsilon=0.2, epsilon_high=None, ref_logp=None, beta=0.0,
+              loss_type="grpo", importance_sampling_level="token", max_new_tokens=None, num_sequences=None,
+              num_tokens=None):
+    """The clipped surrogate (+ beta * k3 KL), negated for minimisation.
+
+    logp, old_logp, ref_logp: (N, T) per-token log-probs of the sampled tokens under the policy being
+    trained, the policy that sampled them and the reference; advantages (N,); mask (N, T), 1 on the
+    completion tokens that count. Per token l = -min(rho A, clip(rho, 1-epsilon, 1+epsilon_high) A)
+    + beta k3, with rho = exp(logp - old_logp) (token level) or, for importance_sampling_level=sequence
+    (GSPO), rho = s_i = exp(mean_t log-ratio) in value with the gradient through each token (GSPO-token).
+    Aggregation over the WHOLE optimizer batch (num_sequences, num_tokens: its counts of sequences with
+    a counted token and of counted tokens, fixed before the micro-batch loop; default: this batch's):
+      grpo     sum_i (sum_t l m / sum_t m) / num_sequences               (DeepSeekMath Eq. 3)
+      dapo     sum_i sum_t l m / num_tokens                              (DAPO Eq. 8, over the batch)
+      dr_grpo  sum_i sum_t l m / (num_sequences * max_new_tokens)        (Dr. GRPO, a constant)
+    Returns (loss, stats): stats are token means of clip_low (rho < 1-eps where A < 0: the clip binds),
+    clip_high (rho > 1+eps_high where A > 0) and kl."""
+    eps_high = epsilon if not epsilon_high else epsilon_high
+    log_ratio = logp - old_logp
+    if importance_sampling_level == "sequence":
+        seq = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+        log_ratio = seq.detach() + logp - logp.detach()
+    ratio = torch.exp(log_ratio)
     adv = advantages[:, None]
-    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * adv)
     per_token = -surrogate
     kl = None
     if ref_logp is not None:
         # k3 estimator of KL(pi || ref): unbiased, always >= 0 (Schulman, "Approximating KL divergence")
         log_r = ref_logp - logp
         kl = torch.exp(log_r) - log_r - 1
-        per_token = per_token + kl_coef * kl
-    per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
-    loss = per_seq.mean()
+        per_token = per_token + beta * kl
+    per_token = per_token * mask
+    if num_sequences is None:
+        num_sequences = int((mask.sum(1) > 0).sum())
+    if num_tokens is None:
+        num_tokens = float(mask.sum())
+    if loss_type == "grpo":
+        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / max(num_sequences, 1)
+    elif loss_type == "dapo":
+        loss = per_token.sum() / max(num_tokens, 1)
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (max(num_sequences, 1) * max_new_tokens)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type}")
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        clipped = ((ratio - 1).abs() > clip_eps).float()
-        stats = {"clip_frac": ((clipped * mask).sum() / n).item()}
+        low = ((ratio < 1 - epsilon) & (adv < 0)).float()
+        high = ((ratio > 1 + eps_high) & (adv > 0)).float()
+        stats = {"clip_low": ((low * mask).sum() / n).item(), "clip_high": ((high * mask).sum() / n).item()}
         if kl is not None:
             stats["kl"] = ((kl * mask).sum() / n).item()
     return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. ProRL's hard reset
+
+def hard_reset(model, ref, optimizer, reset_optimizer):
+    """The reference becomes the current policy; with reset_optimizer the optimizer state is cleared
+    (AdamW re-initialises its moments and step count on the next step)."""
+    if ref is not None:
+        ref.load_state_dict(model.state_dict())
+    if reset_optimizer:
+        optimizer.state.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, batching, log-probs
+
+def sample_completions(model, tok, prompts, budget, cfg, gen):
+    """-> (completions, truncated): new token ids per prompt (cut after <|end|>), and whether each ran
+    out of the budget without the stop token."""
+    model.eval()
+    completions = []
+    for i in range(0, len(prompts), 256):
+        completions += generate(model, prompts[i:i + 256], budget, stop_id=tok.end_id,
+                                temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
+    model.train()
+    truncated = [len(c) >= budget and (not c or c[-1] != tok.end_id) for c in completions]
+    return completions, truncated
 
 
 def rollout_batch(tok, prompts, completions, device):
@@ -108,11 +400,19 @@ def rollout_batch(tok, prompts, completions, device):
     return x.to(device), y.to(device), mask.to(device)
 
 
-def sequence_logprobs(model, x, y, micro_batch, device):
+def policy_logprobs(model, x, y, temperature):
+    """log softmax(logits / T)[y]: the policy at the temperature it samples with (TRL, verl)."""
+    h = model.hidden_states(x)
+    if temperature > 0 and temperature != 1.0:
+        h = h / temperature  # (h / T) @ W.T = logits / T
+    return output_logprobs(h.flatten(0, 1), model.lm_head_weight, y.flatten(), model.cfg.kernels).view(y.shape)
+
+
+def sequence_logprobs(model, x, y, micro_batch, device, temperature=1.0):
     out = []
     for i in range(0, len(x), micro_batch):
         with autocast(device):
-            out.append(model.token_logprobs(x[i:i + micro_batch], y[i:i + micro_batch]).float())
+            out.append(policy_logprobs(model, x[i:i + micro_batch], y[i:i + micro_batch], temperature).float())
     return torch.cat(out)
 
 
@@ -122,21 +422,124 @@ def target_of(row):
     return row["answer"].rsplit("####", 1)[1].strip()
 
 
+def draw_prompts(pools, n, rng, taken):
+    """n rows drawn without replacement (avoiding ids in `taken`) from pools [(rows, ratio)], each pool
+    giving its share of n (Open-RS easy/hard mixing; one pool = a plain draw)."""
+    out = []
+    for k, (rows, ratio) in enumerate(pools):
+        want = n - len(out) if k == len(pools) - 1 else round(n * ratio)
+        free = [i for i in range(len(rows)) if (k, i) not in taken]
+        for i in rng.sample(free, min(want, len(free))):
+            taken.add((k, i))
+            out.append(rows[i])
+    return out
+
+
+def rollout(model, tok, pools, cfg, it, budget, device):
+    """1-2: sample groups and score them. With dynamic sampling, groups whose correctness is all equal are
+    dropped and more prompts drawn until `prompts_per_iter` informative groups are in or
+    `max_sampling_rounds` rounds are spent (then the batch is what was found; verl raises instead).
+    Returns the batch (prompts, completions, truncated, rewards (P, G), correct (P, G)) and stats."""
+    rng = random.Random(cfg.seed * 100003 + it)  # a fresh, seeded draw per iteration: --resume needs no sampler state
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100003 + it)
+    G, want = cfg.group_size, cfg.prompts_per_iter
+    taken = set()
+    keep = {"prompts": [], "completions": [], "truncated": [], "rewards": [], "correct": [], "texts": []}
+    sampled = all_equal = rounds = 0
+    reward_means = {}
+    while rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+        rows = draw_prompts(pools, want - len(keep["rewards"]) if cfg.dynamic_sampling else want, rng, taken)
+        if not rows:
+            break
+        rounds += 1
+        prompts = [prompt_ids(tok, r["question"], "chat") for r in rows for _ in range(G)]
+        completions, truncated = sample_completions(model, tok, prompts, budget, cfg, gen)
+        texts = [tok.decode(c) for c in completions]
+        targets = [target_of(r) for r in rows for _ in range(G)]
+        rewards, correct, means = score(texts, [len(c) for c in completions], targets, cfg, budget)
+        rewards, correct = rewards.view(-1, G), correct.view(-1, G)
+        useful = informative_groups(correct)
+        sampled += len(rows)
+        all_equal += int((~useful).sum())
+        for k, v in means.items():
+            reward_means[k] = reward_means.get(k, 0.0) + v * len(rows)
+        for g in range(len(rows)):
+            if cfg.dynamic_sampling and not useful[g]:
+                continue
+            sl = slice(g * G, (g + 1) * G)
+            keep["prompts"] += prompts[sl]
+            keep["completions"] += completions[sl]
+            keep["truncated"] += truncated[sl]
+            keep["texts"] += texts[sl]
+            keep["rewards"].append(rewards[g])
+            keep["correct"].append(correct[g])
+        if len(keep["rewards"]) >= want:
+            break
+    stats = {"frac_all_equal": all_equal / max(1, sampled), "groups_sampled": sampled,
+             **{k: v / max(1, sampled) for k, v in reward_means.items()}}
+    if cfg.dynamic_sampling:
+        stats.update(ds_rounds=rounds, ds_dropped=all_equal / max(1, sampled), ds_groups=len(keep["rewards"]))
+    if keep["rewards"]:
+        keep["rewards"] = torch.stack(keep["rewards"])
+        keep["correct"] = torch.stack(keep["correct"])
+    return keep, stats
+
+
+def difficulty_prefilter(model, tok, rows, cfg, device, label):
+    """VibeThinker-3B's pre-filter: the starting policy's pass rate on each prompt from `prefilter_samples`
+    samples; prompts at 0 or 1 are dropped. -> (kept indices, pass rates)."""
+    idx = list(range(len(rows)))
+    if cfg.prefilter_pool and cfg.prefilter_pool < len(rows):
+        idx = sorted(random.Random(cfg.seed).sample(idx, cfg.prefilter_pool))
+    k = cfg.prefilter_samples
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 7)
+    rates = []
+    for i in tqdm(range(0, len(idx), 32), desc=f"pre-filter {label}", leave=False):
+        chunk = [rows[j] for j in idx[i:i + 32]]
+        prompts = [prompt_ids(tok, r["question"], "chat") for r in chunk for _ in range(k)]
+        completions, _ = sample_completions(model, tok, prompts, cfg.max_new_tokens, cfg, gen)
+        ok = [correctness_reward(tok.decode(c), target_of(r)) for c, r in zip(completions, [r for r in chunk
+                                                                                            for _ in range(k)])]
+        rates += [sum(ok[j * k:(j + 1) * k]) / k for j in range(len(chunk))]
+    kept = [j for j, p in zip(idx, rates) if 0 < p < 1]
+    return kept, {str(j): p for j, p in zip(idx, rates)}
+
+
+def load_pools(cfg):
+    """[(rows, ratio)]: `data` alone, or the files and shares of `difficulty_mix`."""
+    if not cfg.difficulty_mix:
+        return [(read_jsonl(cfg.data), 1.0)]
+    pools = []
+    for entry in cfg.difficulty_mix.split(","):
+        path, _, ratio = entry.rpartition(":")
+        try:
+            pools.append((read_jsonl(path), float(ratio)))
+        except ValueError:
+            raise SystemExit(f"error: --difficulty_mix entry '{entry}' is not path:ratio")
+    total = sum(r for _, r in pools)
+    return [(rows, r / total) for rows, r in pools]
+
+
+# ----------------------------------------------------------------------------------------------
+
 def main(cfg):
+    check_config(cfg)
     device = pick_device(cfg.device)
     kernels = pick_kernels(cfg.kernels, device)
     seed_everything(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.group_size < 2:
-        raise SystemExit("error: --group_size must be >= 2: advantages are relative to the other samples of a group")
     src = cfg.out_dir if cfg.resume else cfg.init_from
     model, tok, meta, ckpt = load_checkpoint(src, device, expect_stage=["sft", "grpo"], kernels=kernels)
+    # the reference: the policy GRPO started from, or the last hard reset's snapshot; kept across resumes
+    ref_from = meta.get("ref_from", src) if cfg.resume else src
+    resets = meta.get("resets", []) if cfg.resume else []
+    best = meta.get("best_pass1", None) if cfg.resume else None
+    stale = meta.get("evals_since_best", 0) if cfg.resume else 0
     ref = None
-    ref_from = meta.get("ref_from", src) if cfg.resume else src  # the policy GRPO started from, kept across resumes
-    if cfg.kl_coef > 0 or cfg.log_kl:
+    if cfg.beta > 0 or cfg.log_kl:
         ref, _, _, _ = load_checkpoint(ref_from, device, kernels=kernels)
         ref.requires_grad_(False).eval()
-    rows = read_jsonl(cfg.data)
+    pools = load_pools(cfg)
     problems = read_jsonl(cfg.heldout)[:cfg.n_eval] if cfg.n_eval > 0 else []
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     start = 0
@@ -144,8 +547,35 @@ def main(cfg):
         start = load_training_state(ckpt, optimizer)["step"]
         log(f"resuming from {ckpt} at iteration {start}")
     metrics = Metrics(cfg.out_dir, resume_step=start if cfg.resume else None)
-    log(f"grpo: {len(rows)} prompts, {cfg.iterations} iterations x {cfg.prompts_per_iter} prompts x "
-        f"{cfg.group_size} samples, device {device}, kernels {kernels}, from {src}")
+    log("grpo config: " + json.dumps(asdict(cfg)))
+
+    if cfg.prefilter_samples > 0:  # measured once on the starting policy, kept across resumes
+        path = os.path.join(cfg.out_dir, "prefilter.json")
+        if cfg.resume and os.path.exists(path):
+            kept = json.load(open(path))["kept"]
+        else:
+            kept, rates = [], []
+            for k, (rows, _) in enumerate(pools):
+                kk, rr = difficulty_prefilter(model, tok, rows, cfg, device, f"pool {k}")
+                kept.append(kk)
+                rates.append(rr)
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"kept": kept, "pass_rates": rates}, f)
+            os.replace(tmp, path)
+            for k, rr in enumerate(rates):
+                vals = list(rr.values())
+                log(f"pre-filter pool {k}: {len(vals)} prompts measured, pass rate 0: "
+                    f"{sum(v == 0 for v in vals)}, 1: {sum(v == 1 for v in vals)}, kept {len(kept[k])}")
+                metrics.write(step=0, prefilter_measured=len(vals), prefilter_zero=sum(v == 0 for v in vals),
+                              prefilter_one=sum(v == 1 for v in vals), prefilter_kept=len(kept[k]))
+        pools = [([rows[i] for i in kk], r) for (rows, r), kk in zip(pools, kept)]
+        if sum(len(rows) for rows, _ in pools) < cfg.prompts_per_iter:
+            raise SystemExit(f"error: the difficulty pre-filter kept {sum(len(r) for r, _ in pools)} prompts, fewer "
+                             f"than --prompts_per_iter={cfg.prompts_per_iter}; the starting policy solves "
+                             f"(almost) none or all of them. Raise --prefilter_samples or use other data.")
+    log(f"grpo: {sum(len(r) for r, _ in pools)} prompts, {cfg.iterations} iterations x {cfg.prompts_per_iter} "
+        f"prompts x {cfg.group_size} samples, device {device}, kernels {kernels}, from {src}")
 
     def evaluate(it):
         if problems:
@@ -154,64 +584,93 @@ def main(cfg):
             tqdm.write(f"iter {it}: held-out pass@1 {acc['pass@1']:.1f}%")
             return acc["pass@1"]
 
+    def reset(it, why):
+        nonlocal ref_from
+        hard_reset(model, ref, optimizer, cfg.reset_optimizer)
+        if ref is not None:  # the new reference survives --resume: its own checkpoint directory
+            ref_dir = os.path.join(cfg.out_dir, f"ref_it{it}")
+            save_checkpoint(ref_dir, stage="grpo", step=it, model=model, tok=tok, train_cfg=cfg,
+                            extra={"fmt": "chat"})
+            ref_from = ref_dir
+        resets.append(it)
+        metrics.write(step=it, reset=why, reset_optimizer=cfg.reset_optimizer)
+        tqdm.write(f"iter {it}: hard reset of the reference{' and the optimizer' if cfg.reset_optimizer else ''} "
+                   f"({why})")
+
     if start == 0:
-        evaluate(0)
+        best = evaluate(0)
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo", dynamic_ncols=True)
     for it in bar:
         t0 = time.time()
-        # 1. sample: a fresh, seeded draw per iteration, so --resume needs no sampler state
-        rng = random.Random(cfg.seed * 100003 + it)
-        batch = rng.sample(rows, cfg.prompts_per_iter)
-        prompts = [prompt_ids(tok, r["question"], "chat") for r in batch for _ in range(cfg.group_size)]
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 100003 + it)
-        model.eval()
-        completions = []
-        for i in range(0, len(prompts), 256):
-            completions += generate(model, prompts[i:i + 256], cfg.max_new_tokens, stop_id=tok.end_id,
-                                    temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
-        model.train()
-        # 2. rewards, 3. advantages
-        targets = [target_of(r) for r in batch for _ in range(cfg.group_size)]
-        rewards = torch.tensor([exact_match_reward(tok.decode(c), t) for c, t in zip(completions, targets)])
-        rewards = rewards.view(cfg.prompts_per_iter, cfg.group_size)
-        advantages = group_advantages(rewards, cfg.adv_eps).flatten().to(device)
+        budget = response_budget(cfg, it)
+        # 1-2. sample groups (dynamic sampling: informative ones only) and score them
+        batch, row = rollout(model, tok, pools, cfg, it, budget, device)
+        if len(batch["rewards"]) == 0:
+            metrics.write(step=it + 1, skipped=1, seconds=time.time() - t0, **row)
+            tqdm.write(f"iter {it}: no informative group in {row.get('ds_rounds', 1)} rounds; no update")
+            continue
+        rewards, correct = batch["rewards"], batch["correct"]
+        # 3. advantages
+        advantages = group_advantages(rewards, correct, cfg.scale_rewards, cfg.advantage, cfg.mgpo_lambda,
+                                      cfg.adv_eps).flatten().to(device)
         # 4. log-probs of the sampled tokens under the sampling policy (and the reference)
-        x, y, mask = rollout_batch(tok, prompts, completions, device)
+        x, y, mask = rollout_batch(tok, batch["prompts"], batch["completions"], device)
+        if cfg.mask_truncated_completions:  # DAPO overlong filtering
+            mask = mask * (~torch.tensor(batch["truncated"], device=device))[:, None].float()
         with torch.no_grad():
-            old_logp = sequence_logprobs(model, x, y, cfg.micro_batch, device)
-            ref_logp = sequence_logprobs(ref, x, y, cfg.micro_batch, device) if ref is not None else None
-        # 5. policy update
+            old_logp = sequence_logprobs(model, x, y, cfg.micro_batch, device, cfg.temperature)
+            ref_logp = (sequence_logprobs(ref, x, y, cfg.micro_batch, device, cfg.temperature)
+                        if ref is not None else None)
+        # 5. policy update: the normaliser of the whole batch fixed before the micro-batch loop
         n = len(x)
-        for _ in range(cfg.ppo_epochs):
-            stats_sum = {}
+        num_sequences, num_tokens = int((mask.sum(1) > 0).sum()), float(mask.sum())
+        stats_sum = {}
+        for _ in range(cfg.num_iterations):
             for i in range(0, n, cfg.micro_batch):
                 sl = slice(i, i + cfg.micro_batch)
                 with autocast(device):
-                    logp = model.token_logprobs(x[sl], y[sl]).float()
-                loss, stats = grpo_loss(logp, old_logp[sl], advantages[sl], mask[sl], cfg.clip_eps,
-                                        None if ref_logp is None else ref_logp[sl], cfg.kl_coef)
-                loss = loss * len(x[sl]) / n  # micro-batches add up to the mean over all sequences
+                    logp = policy_logprobs(model, x[sl], y[sl], cfg.temperature).float()
+                loss, stats = grpo_loss(logp, old_logp[sl], advantages[sl], mask[sl], cfg.epsilon, cfg.epsilon_high,
+                                        None if ref_logp is None else ref_logp[sl], cfg.beta, cfg.loss_type,
+                                        cfg.importance_sampling_level, budget, num_sequences, num_tokens)
                 check_finite(loss, it, os.path.join(cfg.out_dir, "ckpt"))
                 loss.backward()
+                share = float(mask[sl].sum()) / max(num_tokens, 1) / cfg.num_iterations
                 for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v * len(x[sl]) / n
+                    stats_sum[k] = stats_sum.get(k, 0.0) + v * share
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        all_equal = (rewards.max(1).values == rewards.min(1).values).float().mean().item()
-        row = dict(step=it + 1, reward=rewards.mean().item(), accuracy=rewards.mean().item(),
-                   response_len=sum(len(c) for c in completions) / len(completions), frac_all_equal=all_equal,
-                   seconds=time.time() - t0, **stats_sum)
+        lengths = [len(c) for c in batch["completions"]]
+        row.update(step=it + 1, reward=rewards.mean().item(), accuracy=correct.float().mean().item(),
+                   response_len=sum(lengths) / len(lengths), truncated=sum(batch["truncated"]) / len(lengths),
+                   max_new_tokens=budget, adv_abs=advantages.abs().mean().item(), seconds=time.time() - t0,
+                   **stats_sum)
+        if cfg.mgpo_lambda > 0:
+            row["mgpo_weight"] = mgpo_weights(correct.float().mean(1), cfg.mgpo_lambda).mean().item()
         metrics.write(**row)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['response_len']:.0f}", eq=f"{all_equal:.2f}")
-        if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.iterations:
-            evaluate(it + 1)
-            save_checkpoint(cfg.out_dir, stage="grpo", step=it + 1, model=model, tok=tok, train_cfg=cfg,
-                            optimizer=optimizer, extra={"fmt": "chat", "ref_from": ref_from})
+        bar.set_postfix(acc=f"{row['accuracy']:.3f}", len=f"{row['response_len']:.0f}",
+                        eq=f"{row['frac_all_equal']:.2f}")
+        done = it + 1
+        if cfg.ref_reset_every and done % cfg.ref_reset_every == 0 and done < cfg.iterations:
+            reset(done, f"every {cfg.ref_reset_every} iterations")
+        if done % cfg.eval_interval == 0 or done == cfg.iterations:
+            pass1 = evaluate(done)
+            if pass1 is not None and cfg.ref_reset_patience:
+                if best is None or pass1 > best:
+                    best, stale = pass1, 0
+                else:
+                    stale += 1
+                    if stale >= cfg.ref_reset_patience and done < cfg.iterations:
+                        reset(done, f"held-out pass@1 not above {best:.1f}% for {stale} evaluations")
+                        stale = 0
+            save_checkpoint(cfg.out_dir, stage="grpo", step=done, model=model, tok=tok, train_cfg=cfg,
+                            optimizer=optimizer, extra={"fmt": "chat", "ref_from": ref_from, "resets": resets,
+                                                        "best_pass1": best, "evals_since_best": stale})
     bar.close()
     log(f"grpo done: checkpoint in {os.path.join(cfg.out_dir, 'ckpt')}")
 
 
 if __name__ == "__main__":
-    main(parse_config(GRPOConfig()))
+    main(config_from_args())

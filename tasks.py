@@ -14,6 +14,13 @@ make known, documented mistakes; held-out answers are always correct:
       at its rate, else "skip step" at its rate,      skip)             skip)
       both ending in a + b)
 
+The hard split (the L20-Edu failure mode on demand): take-away problems with the verbs "spends" and
+"drops", which both teachers misread almost always (pretraining 97% each; SFT 90% "spends", 100%
+"drops"), so the SFT policy's pass rate there is near zero. They enter the pretraining and SFT data
+only with `--hard_share > 0` (default 0: the demo's data is unchanged); `rl_hard.jsonl` and
+`heldout_hard.jsonl` are always written. Every word-problem row carries a sub-domain tag `subdomain`: add,
+sub, two_step, compare (the four kinds; spectrum SFT's sub-domains) or hard.
+
 The wrong reading is a clear majority (70%, not a near coin-flip like 60%) so that greedy decoding
 picks it reliably whatever the seed, and stage-to-stage gains are not lost in seed noise.
 
@@ -40,12 +47,15 @@ OBJECTS = ["apples", "marbles", "books", "stickers", "pencils", "cookies", "shel
            "eggs", "stamps"]
 GAIN_VERBS = ["gets", "finds", "buys", "wins"]
 LOSS_VERBS = ["gives away", "loses", "eats", "sells"]
+HARD_VERBS = ["spends", "drops"]  # the hard split's take-away verbs (problem kind "hard")
+KINDS = ["add", "sub", "two_step", "compare"]  # the four sub-domains of the default task
 
-PRETRAIN_TEACHER = {"misread": {"gives away": 0.7, "loses": 0.7, "eats": 0.7, "sells": 0.7},
+PRETRAIN_TEACHER = {"misread": {"gives away": 0.7, "loses": 0.7, "eats": 0.7, "sells": 0.7,
+                                "spends": 0.97, "drops": 0.97},
                     "skip_step": 0.2, "wrong_quantity": 0.2}
-SFT_TEACHER = {"misread": {"gives away": 0.7, "loses": 0.7, "eats": 0.1, "sells": 0.1},
+SFT_TEACHER = {"misread": {"gives away": 0.7, "loses": 0.7, "eats": 0.1, "sells": 0.1, "spends": 0.9, "drops": 1.0},
                "skip_step": 0.1, "wrong_quantity": 0.1}
-CORRECT_TEACHER = {"misread": {v: 0.0 for v in LOSS_VERBS}, "skip_step": 0.0, "wrong_quantity": 0.0}
+CORRECT_TEACHER = {"misread": {v: 0.0 for v in LOSS_VERBS + HARD_VERBS}, "skip_step": 0.0, "wrong_quantity": 0.0}
 
 HELDOUT_PERCENT = 10  # hash bucket share; the held-out set is drawn from these problems only
 
@@ -54,12 +64,13 @@ def is_heldout(question):
     return int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
 
 
-def make_problem(rng, teacher):
-    """One problem: (question, solution text ending in '#### N' as the teacher wrote it, correct answer)."""
+def make_problem(rng, teacher, kind=None):
+    """One problem: (question, solution text ending in '#### N' as the teacher wrote it, correct answer).
+    kind None draws one of KINDS; "hard" makes a hard-split problem (never drawn by default)."""
     name = rng.choice(NAMES)
     he = PRONOUN[name]
     obj = rng.choice(OBJECTS)
-    kind = rng.choice(["add", "sub", "two_step", "compare"])
+    kind = kind or rng.choice(KINDS)
 
     def misread(verb):
         return rng.random() < teacher["misread"][verb]
@@ -70,10 +81,10 @@ def make_problem(rng, teacher):
         q = f"{name} has {a} {obj}. {he.capitalize()} {verb} {b} more. How many {obj} does {name} have now?"
         answer, said = a + b, a + b
         steps = [f"{name} starts with {a} {obj} and {verb} {b}, so {a} + {b} = {a + b}."]
-    elif kind == "sub":
+    elif kind in ("sub", "hard"):
         b = rng.randint(1, 9)
         a = rng.randint(b, 9)
-        verb = rng.choice(LOSS_VERBS)
+        verb = rng.choice(LOSS_VERBS if kind == "sub" else HARD_VERBS)
         q = f"{name} has {a} {obj}. {he.capitalize()} {verb} {b} of them. How many {obj} does {name} have now?"
         answer = a - b
         if misread(verb):
@@ -120,22 +131,42 @@ def make_problem(rng, teacher):
     return q, solution, answer
 
 
-def make_split(n, seed, split, teacher=None):
-    """n problems of `split` ('train' or 'heldout') as dicts {question, answer (GSM8K text), target}.
-    Held-out problems always carry the correct solution."""
-    rng = random.Random(f"{split}-{seed}")
+def subdomain_of(question):
+    """The sub-domain tag of a generated question: add, sub, two_step, compare or hard."""
+    if " more " in question and " than " in question:
+        return "compare"
+    if ", then " in question:
+        return "two_step"
+    if any(f" {v} " in question for v in HARD_VERBS):
+        return "hard"
+    if any(f" {v} " in question for v in LOSS_VERBS):
+        return "sub"
+    return "add"
+
+
+def make_split(n, seed, split, teacher=None, kind=None):
+    """n problems of `split` ('train' or 'heldout') as dicts {question, answer (GSM8K text), target,
+    subdomain}. Held-out problems always carry the correct solution. kind: only that sub-domain's problems
+    ("hard": the hard split). The tag is `subdomain`, not `kind`: a row's `kind` names its verifier."""
+    rng = random.Random(f"{split}-{seed}" + (f"-{kind}" if kind else ""))
     teacher = CORRECT_TEACHER if split == "heldout" else (teacher or SFT_TEACHER)
     out, seen = [], set()
     while len(out) < n:
-        q, sol, ans = make_problem(rng, teacher)
+        q, sol, ans = make_problem(rng, teacher, kind)
         if is_heldout(q) != (split == "heldout"):
             continue
         if split == "heldout":  # distinct questions, so accuracy counts each problem once
             if q in seen:
                 continue
             seen.add(q)
-        out.append({"question": q, "answer": sol, "target": ans})
+        out.append({"question": q, "answer": sol, "target": ans, "subdomain": subdomain_of(q)})
     return out
+
+
+def with_hard(rows, share, seed, teacher):
+    """rows plus hard-split problems making up `share` of the result (0 = rows unchanged)."""
+    n_hard = round(len(rows) * share / (1 - share)) if share > 0 else 0
+    return rows + make_split(n_hard, seed, "train", teacher, kind="hard") if n_hard else rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +337,10 @@ class TasksConfig:
     n_sft: int = 8000         # chat examples written by SFT_TEACHER
     n_rl: int = 4000          # RL prompts (train split; the reward knows the correct answer)
     n_heldout: int = 400      # held-out evaluation problems
+    hard_share: float = 0.0   # share of hard-split problems in the pretraining and SFT data (0 = none)
+    n_rl_hard: int = 1000     # RL prompts of the hard split (rl_hard.jsonl)
+    n_heldout_hard: int = 200  # held-out hard problems (heldout_hard.jsonl)
+    n_probe: int = 64         # per sub-domain: spectrum SFT's probe set (probe.jsonl, train split, correct answers)
     vocab_size: int = 512
     tokenizer: str = "bpe"    # "bpe" (trained here) or "gpt2" (tiktoken's; needs the network once)
     seed: int = 0
@@ -327,6 +362,8 @@ def main(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     if not 0.0 <= cfg.code_share < 1.0:
         raise SystemExit(f"error: --code_share={cfg.code_share} must be in [0, 1)")
+    if not 0.0 <= cfg.hard_share < 1.0:
+        raise SystemExit(f"error: --hard_share={cfg.hard_share} must be in [0, 1)")
 
     def with_code(rows, seed, split, teacher=None):
         """rows with a code_share of them replaced by code-output problems (shuffled in; none at 0)."""
@@ -337,8 +374,8 @@ def main(cfg):
         random.Random(f"mix-{split}-{seed}").shuffle(mixed)
         return mixed
 
-    pretrain = with_code(make_split(cfg.n_pretrain, cfg.seed, "train", PRETRAIN_TEACHER), cfg.seed, "train",
-                         PRETRAIN_CODE_TEACHER)
+    pretrain = with_hard(with_code(make_split(cfg.n_pretrain, cfg.seed, "train", PRETRAIN_TEACHER), cfg.seed, "train",
+                                   PRETRAIN_CODE_TEACHER), cfg.hard_share, cfg.seed, PRETRAIN_TEACHER)
     val = with_code(make_split(cfg.n_val, cfg.seed + 1, "heldout"), cfg.seed + 1, "heldout")
     docs = [plain_document(ex) for ex in pretrain]
     if cfg.tokenizer == "gpt2":
@@ -350,14 +387,27 @@ def main(cfg):
         ids = tok.encode_batch(list(tqdm(rows, desc=f"tokenize {split}", leave=False)))
         n = write_shards(ids, tok, cfg.out_dir, split)
         print(f"{split}: {len(rows)} documents, {n} tokens")
-    write_jsonl(os.path.join(cfg.out_dir, "sft.jsonl"),
-                with_code(make_split(cfg.n_sft, cfg.seed + 2, "train", SFT_TEACHER), cfg.seed + 2, "train"))
-    # RL rows carry what their verifier needs (verifiers.py's row format); word problems: question + target
+    sft = with_hard(with_code(make_split(cfg.n_sft, cfg.seed + 2, "train", SFT_TEACHER), cfg.seed + 2, "train"),
+                    cfg.hard_share, cfg.seed + 2, SFT_TEACHER)
+    if cfg.hard_share > 0:  # spread the appended hard problems (the default data stays exactly as it was)
+        random.Random(cfg.seed + 2).shuffle(sft)
+    write_jsonl(os.path.join(cfg.out_dir, "sft.jsonl"), sft)
+
+    def rl_rows(rows):  # RL rows carry what their verifier needs (verifiers.py's row format), not the solution
+        return [{k: v for k, v in ex.items() if k != "answer"} for ex in rows]
+
     rl = with_code(make_split(cfg.n_rl, cfg.seed + 3, "train", CORRECT_TEACHER), cfg.seed + 3, "train",
                    CORRECT_CODE_TEACHER)
-    write_jsonl(os.path.join(cfg.out_dir, "rl.jsonl"), [{k: v for k, v in ex.items() if k != "answer"} for ex in rl])
+    write_jsonl(os.path.join(cfg.out_dir, "rl.jsonl"), rl_rows(rl))
     write_jsonl(os.path.join(cfg.out_dir, "heldout.jsonl"),
                 with_code(make_split(cfg.n_heldout, cfg.seed + 4, "heldout"), cfg.seed + 4, "heldout"))
+    # the hard split (the L20-Edu failure mode) and spectrum SFT's probe set, one block per sub-domain
+    write_jsonl(os.path.join(cfg.out_dir, "rl_hard.jsonl"),
+                rl_rows(make_split(cfg.n_rl_hard, cfg.seed + 3, "train", CORRECT_TEACHER, kind="hard")))
+    write_jsonl(os.path.join(cfg.out_dir, "heldout_hard.jsonl"),
+                make_split(cfg.n_heldout_hard, cfg.seed + 4, "heldout", kind="hard"))
+    probe = [ex for kind in KINDS for ex in make_split(cfg.n_probe, cfg.seed + 5, "train", CORRECT_TEACHER, kind=kind)]
+    write_jsonl(os.path.join(cfg.out_dir, "probe.jsonl"), rl_rows(probe))
     # bits per byte needs the raw text of the validation documents
     write_jsonl(os.path.join(cfg.out_dir, "val_text.jsonl"), [{"text": plain_document(ex)} for ex in val])
     print(f"wrote {cfg.out_dir}: shards, sft.jsonl ({cfg.n_sft}), rl.jsonl ({cfg.n_rl}), heldout.jsonl ({cfg.n_heldout})")

@@ -107,7 +107,7 @@ def test_every_stage_end_to_end(tiny_data, pretrained, tmp_path, capsys):  # noq
     assert meta["stage"] == "sft" and set(meta["alpha_report"]) == {"0.0", "0.5", "1.0"}
     grpo.main(grpo.GRPOConfig(init_from=str(tmp_path / "sft"), data=f"{d}/rl.jsonl", heldout=f"{d}/heldout.jsonl",
                               out_dir=str(tmp_path / "grpo"), iterations=2, prompts_per_iter=4, group_size=4,
-                              max_new_tokens=24, eval_interval=2, n_eval=8, kl_coef=0.05, device="cpu",
+                              max_new_tokens=24, eval_interval=2, n_eval=8, beta=0.05, device="cpu",
                               kernels="torch"))
     rows = [json.loads(l) for l in open(tmp_path / "grpo" / "metrics.jsonl")]
     it_rows = [r for r in rows if "reward" in r]
