@@ -14,7 +14,7 @@ SEED   ?= 1337
 P       = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo demo-data pretrain sft grpo eval report test clean-demo bench-kernels gpu data bench-dedup
+.PHONY: setup demo demo-data pretrain sft grpo eval report test clean-demo bench-kernels gpu data bench-dedup ablation
 
 setup: $(STAMP)
 
@@ -84,3 +84,7 @@ gpu:
 
 clean-demo:
 	rm -rf $(OUT)
+
+# the RL-recipe ablation on the embedded task (CPU, ~30 min): every --recipe x 2 seeds + the hard split
+ablation: setup
+	OMP_NUM_THREADS=1 $(P) bench/ablation.py

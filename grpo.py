@@ -445,7 +445,7 @@ def rollout(model, tok, pools, cfg, it, budget, device):
     G, want = cfg.group_size, cfg.prompts_per_iter
     taken = set()
     keep = {"prompts": [], "completions": [], "truncated": [], "rewards": [], "correct": [], "texts": []}
-    sampled = all_equal = rounds = 0
+    sampled = all_equal = rounds = sampled_tokens = 0
     reward_means = {}
     while rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         rows = draw_prompts(pools, want - len(keep["rewards"]) if cfg.dynamic_sampling else want, rng, taken)
@@ -460,6 +460,7 @@ def rollout(model, tok, pools, cfg, it, budget, device):
         rewards, correct = rewards.view(-1, G), correct.view(-1, G)
         useful = informative_groups(correct)
         sampled += len(rows)
+        sampled_tokens += sum(len(c) for c in completions)
         all_equal += int((~useful).sum())
         for k, v in means.items():
             reward_means[k] = reward_means.get(k, 0.0) + v * len(rows)
@@ -476,6 +477,7 @@ def rollout(model, tok, pools, cfg, it, budget, device):
         if len(keep["rewards"]) >= want:
             break
     stats = {"frac_all_equal": all_equal / max(1, sampled), "groups_sampled": sampled,
+             "sampled_len": sampled_tokens / max(1, sampled * G),
              **{k: v / max(1, sampled) for k, v in reward_means.items()}}
     if cfg.dynamic_sampling:
         stats.update(ds_rounds=rounds, ds_dropped=all_equal / max(1, sampled), ds_groups=len(keep["rewards"]))
@@ -503,6 +505,48 @@ def difficulty_prefilter(model, tok, rows, cfg, device, label):
         rates += [sum(ok[j * k:(j + 1) * k]) / k for j in range(len(chunk))]
     kept = [j for j, p in zip(idx, rates) if 0 < p < 1]
     return kept, {str(j): p for j, p in zip(idx, rates)}
+
+
+def train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it):
+    """Steps 3-5 on one rollout batch: advantages, log-probs, `num_iterations` optimizer steps. -> stats."""
+    rewards, correct = batch["rewards"], batch["correct"]
+    # 3. advantages
+    advantages = group_advantages(rewards, correct, cfg.scale_rewards, cfg.advantage, cfg.mgpo_lambda,
+                                  cfg.adv_eps).flatten().to(device)
+    # 4. log-probs of the sampled tokens under the sampling policy (and the reference)
+    x, y, mask = rollout_batch(None, batch["prompts"], batch["completions"], device)
+    if cfg.mask_truncated_completions:  # DAPO overlong filtering
+        mask = mask * (~torch.tensor(batch["truncated"], device=device))[:, None].float()
+    with torch.no_grad():
+        old_logp = sequence_logprobs(model, x, y, cfg.micro_batch, device, cfg.temperature)
+        ref_logp = sequence_logprobs(ref, x, y, cfg.micro_batch, device, cfg.temperature) if ref is not None else None
+    # 5. policy update: the normaliser of the whole batch fixed before the micro-batch loop
+    n = len(x)
+    num_sequences, num_tokens = int((mask.sum(1) > 0).sum()), float(mask.sum())
+    stats_sum = {}
+    for _ in range(cfg.num_iterations):
+        for i in range(0, n, cfg.micro_batch):
+            sl = slice(i, i + cfg.micro_batch)
+            with autocast(device):
+                logp = policy_logprobs(model, x[sl], y[sl], cfg.temperature).float()
+            loss, stats = grpo_loss(logp, old_logp[sl], advantages[sl], mask[sl], cfg.epsilon, cfg.epsilon_high,
+                                    None if ref_logp is None else ref_logp[sl], cfg.beta, cfg.loss_type,
+                                    cfg.importance_sampling_level, budget, num_sequences, num_tokens)
+            check_finite(loss, it, os.path.join(cfg.out_dir, "ckpt"))
+            loss.backward()
+            share = float(mask[sl].sum()) / max(num_tokens, 1) / cfg.num_iterations
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v * share
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    lengths = [len(c) for c in batch["completions"]]
+    row = dict(reward=rewards.mean().item(), accuracy=correct.float().mean().item(),
+               response_len=sum(lengths) / len(lengths), truncated=sum(batch["truncated"]) / len(lengths),
+               max_new_tokens=budget, adv_abs=advantages.abs().mean().item(), **stats_sum)
+    if cfg.mgpo_lambda > 0:
+        row["mgpo_weight"] = mgpo_weights(correct.float().mean(1), cfg.mgpo_lambda).mean().item()
+    return row
 
 
 def load_pools(cfg):
@@ -605,53 +649,14 @@ def main(cfg):
         budget = response_budget(cfg, it)
         # 1-2. sample groups (dynamic sampling: informative ones only) and score them
         batch, row = rollout(model, tok, pools, cfg, it, budget, device)
-        if len(batch["rewards"]) == 0:
+        if len(batch["rewards"]) == 0:  # dynamic sampling found no informative group: no update this iteration
             metrics.write(step=it + 1, skipped=1, seconds=time.time() - t0, **row)
             tqdm.write(f"iter {it}: no informative group in {row.get('ds_rounds', 1)} rounds; no update")
-            continue
-        rewards, correct = batch["rewards"], batch["correct"]
-        # 3. advantages
-        advantages = group_advantages(rewards, correct, cfg.scale_rewards, cfg.advantage, cfg.mgpo_lambda,
-                                      cfg.adv_eps).flatten().to(device)
-        # 4. log-probs of the sampled tokens under the sampling policy (and the reference)
-        x, y, mask = rollout_batch(tok, batch["prompts"], batch["completions"], device)
-        if cfg.mask_truncated_completions:  # DAPO overlong filtering
-            mask = mask * (~torch.tensor(batch["truncated"], device=device))[:, None].float()
-        with torch.no_grad():
-            old_logp = sequence_logprobs(model, x, y, cfg.micro_batch, device, cfg.temperature)
-            ref_logp = (sequence_logprobs(ref, x, y, cfg.micro_batch, device, cfg.temperature)
-                        if ref is not None else None)
-        # 5. policy update: the normaliser of the whole batch fixed before the micro-batch loop
-        n = len(x)
-        num_sequences, num_tokens = int((mask.sum(1) > 0).sum()), float(mask.sum())
-        stats_sum = {}
-        for _ in range(cfg.num_iterations):
-            for i in range(0, n, cfg.micro_batch):
-                sl = slice(i, i + cfg.micro_batch)
-                with autocast(device):
-                    logp = policy_logprobs(model, x[sl], y[sl], cfg.temperature).float()
-                loss, stats = grpo_loss(logp, old_logp[sl], advantages[sl], mask[sl], cfg.epsilon, cfg.epsilon_high,
-                                        None if ref_logp is None else ref_logp[sl], cfg.beta, cfg.loss_type,
-                                        cfg.importance_sampling_level, budget, num_sequences, num_tokens)
-                check_finite(loss, it, os.path.join(cfg.out_dir, "ckpt"))
-                loss.backward()
-                share = float(mask[sl].sum()) / max(num_tokens, 1) / cfg.num_iterations
-                for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v * share
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        lengths = [len(c) for c in batch["completions"]]
-        row.update(step=it + 1, reward=rewards.mean().item(), accuracy=correct.float().mean().item(),
-                   response_len=sum(lengths) / len(lengths), truncated=sum(batch["truncated"]) / len(lengths),
-                   max_new_tokens=budget, adv_abs=advantages.abs().mean().item(), seconds=time.time() - t0,
-                   **stats_sum)
-        if cfg.mgpo_lambda > 0:
-            row["mgpo_weight"] = mgpo_weights(correct.float().mean(1), cfg.mgpo_lambda).mean().item()
-        metrics.write(**row)
-        bar.set_postfix(acc=f"{row['accuracy']:.3f}", len=f"{row['response_len']:.0f}",
-                        eq=f"{row['frac_all_equal']:.2f}")
+        else:
+            row.update(train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it))
+            metrics.write(step=it + 1, seconds=time.time() - t0, **row)
+            bar.set_postfix(acc=f"{row['accuracy']:.3f}", len=f"{row['response_len']:.0f}",
+                            eq=f"{row['frac_all_equal']:.2f}")
         done = it + 1
         if cfg.ref_reset_every and done % cfg.ref_reset_every == 0 and done < cfg.iterations:
             reset(done, f"every {cfg.ref_reset_every} iterations")

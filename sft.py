@@ -7,6 +7,17 @@ interpolation with the base: theta = (1 - alpha) * theta_base + alpha * theta_sf
 Data: JSONL rows {"question", "answer"} (GSM8K style), or {"messages": [{"role", "content"}, ...]}
 with one user turn followed by one assistant turn. Held-out accuracy is reported at alpha = 0, 1 and
 the chosen alpha; the checkpoint written holds the chosen alpha's weights.
+
+Spectrum SFT (VibeThinker's diversity-exploring distillation, arXiv 2511.06221 §3.3), with `--probe_every=N`:
+  1. domain-aware diversity probing: a snapshot every N steps (and the last one) is scored on a probe set per
+     sub-domain (rows tagged `kind`; the embedded task's add / sub / two_step / compare: tasks.py writes
+     probe.jsonl) by pass@k (`probe_k` samples at T = 1; greedy pass@1 beside it);       probe_snapshot
+  2. the specialist of each sub-domain is its best snapshot by pass@k (ties: the higher pass@1, then the later);
+  3. expert fusion: the specialists' weights averaged uniformly, one weight per sub-domain (w_i = 1/N, as the
+     paper does; a snapshot that wins two sub-domains counts twice);                       fuse
+  4. report pass@1 and pass@k on the held-out set of each specialist, of the fused model and of the last
+     snapshot; `--save_fused` makes the fused model the SFT result (then interpolated with the base by alpha).
+Deviations: the paper builds its probe sets with an LLM and does not give k or N; here they are flags.
 """
 import math
 import os
@@ -44,6 +55,11 @@ class SFTConfig:
     n_eval: int = 200              # held-out problems for the alpha report
     k: int = 8                     # pass@k in that report
     log_interval: int = 20
+    probe: str = "out/data/probe.jsonl"  # spectrum SFT's probe set: rows {question, target, kind}
+    probe_every: int = 0           # spectrum SFT: probe a snapshot every N steps (0 = off)
+    probe_n: int = 32              # probe problems per sub-domain
+    probe_k: int = 8               # pass@k of the probe
+    save_fused: bool = False       # save the fused specialists instead of the last snapshot
     seed: int = 1337
     device: str = "auto"
     kernels: str = "auto"
@@ -78,6 +94,45 @@ def interpolate(base_state, sft_state, alpha):
             for k in sft_state}
 
 
+def probe_snapshot(model, tok, probe_sets, k, seed):
+    """{sub-domain: {"pass@1", "pass@k"}} of the model on each probe set."""
+    return {kind: heldout_accuracy(model, tok, rows, "chat", k=k, seed=seed) for kind, rows in probe_sets.items()}
+
+
+def pick_specialists(scores, k):
+    """scores {step: {kind: acc}} -> {kind: step}: the best snapshot per sub-domain by pass@k, then pass@1,
+    then the later step."""
+    kinds = next(iter(scores.values())).keys()
+    return {kind: max(scores, key=lambda st: (scores[st][kind][f"pass@{k}"], scores[st][kind]["pass@1"], st))
+            for kind in kinds}
+
+
+def fuse(states):
+    """Uniform weight average of state dicts (VibeThinker's expert fusion with w_i = 1/N)."""
+    return {name: (sum(s[name].float() for s in states) / len(states)).to(states[0][name].dtype)
+            for name in states[0]}
+
+
+def spectrum_report(model, tok, snapshots, scores, problems, cfg, metrics, step):
+    """Steps 2-4: specialists, fused model, last snapshot on the held-out set. -> (fused state, report)."""
+    chosen = pick_specialists(scores, cfg.probe_k)
+    fused = fuse([snapshots[chosen[kind]] for kind in sorted(chosen)])
+    last = max(snapshots)
+    models = {f"specialist step {st} ({', '.join(k for k in sorted(chosen) if chosen[k] == st)})": snapshots[st]
+              for st in sorted(set(chosen.values()))}
+    models.update({"fused": fused, f"last snapshot (step {last})": snapshots[last]})
+    report = {"specialists": chosen, "probe": {str(st): sc for st, sc in scores.items()}, "heldout": {}}
+    for name, state in models.items():
+        if not problems:
+            break
+        model.load_state_dict(state)
+        acc = heldout_accuracy(model, tok, problems, "chat", k=cfg.probe_k, seed=cfg.seed, desc=f"eval {name}")
+        report["heldout"][name] = acc
+        log(f"spectrum {name}: " + ", ".join(f"{k} {v:.1f}%" for k, v in acc.items()))
+        metrics.write(step=step, spectrum=name, **acc)
+    return fused, report
+
+
 def main(cfg):
     rank, world, device = init_distributed(cfg.device)  # torchrun: one process per GPU (DDP); rank 0 saves
     kernels = pick_kernels(cfg.kernels, device)
@@ -104,6 +159,25 @@ def main(cfg):
     if rank == 0:
         log(f"sft: {len(examples)} examples, {steps} steps of {global_batch}, device {device}, kernels {kernels}, "
             f"from {cfg.init_from}" + (f", {world} ranks" if world > 1 else ""))
+
+    probe_sets, snapshots, scores = {}, {}, {}
+    if cfg.probe_every > 0:
+        for row in read_jsonl(cfg.probe):
+            if "kind" not in row:
+                raise SystemExit(f"error: {cfg.probe} rows need a 'kind' (sub-domain) field; python tasks.py writes one")
+            rows_k = probe_sets.setdefault(row["kind"], [])
+            if len(rows_k) < cfg.probe_n:
+                rows_k.append(row)
+        log(f"spectrum SFT: probing every {cfg.probe_every} steps on {', '.join(probe_sets)} "
+            f"({cfg.probe_n} problems each, pass@{cfg.probe_k})")
+
+    def probe(step):  # 1. a snapshot, scored per sub-domain
+        snapshots[step] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # off the GPU
+        scores[step] = probe_snapshot(model, tok, probe_sets, cfg.probe_k, cfg.seed)
+        metrics.write(step=step, **{f"probe_{kind}_{m}": v for kind, acc in scores[step].items() for m, v in acc.items()})
+        tqdm.write(f"step {step} probe: " + ", ".join(f"{kind} {acc[f'pass@{cfg.probe_k}']:.0f}%"
+                                                      for kind, acc in scores[step].items()))
+        model.train()
 
     rng = random.Random(cfg.seed)
     order = []
@@ -140,6 +214,8 @@ def main(cfg):
         if rank == 0 and ((step + 1) % cfg.log_interval == 0 or step + 1 == steps):
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}")
             metrics.write(step=step + 1, loss=loss_sum, lr=lr)
+        if rank == 0 and probe_sets and ((step + 1) % cfg.probe_every == 0 or step + 1 == steps):
+            probe(step + 1)  # the other ranks wait for rank 0 at the next step's gradient all-reduce
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank != 0:  # the report generates on one process; rank 0 saves
@@ -148,6 +224,11 @@ def main(cfg):
     # weight interpolation with the base (VibeThinker-style checkpoint fusion, with the base as anchor)
     sft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     problems = read_jsonl(cfg.heldout)[:cfg.n_eval] if cfg.n_eval > 0 else []
+    extra = {}
+    if probe_sets:  # 2-4. specialists, fusion, report
+        fused, extra["spectrum"] = spectrum_report(model, tok, snapshots, scores, problems, cfg, metrics, steps)
+        if cfg.save_fused:
+            sft_state = fused
     report = {}
     for alpha in sorted({0.0, 1.0, cfg.alpha}):
         if not problems:
@@ -159,7 +240,8 @@ def main(cfg):
         metrics.write(step=steps, alpha=alpha, **acc)
     model.load_state_dict(interpolate(base_state, sft_state, cfg.alpha))
     save_checkpoint(cfg.out_dir, stage="sft", step=steps, model=model, tok=tok, train_cfg=cfg,
-                    extra={"fmt": "chat", "alpha": cfg.alpha, "alpha_report": report})
+                    extra={"fmt": "chat", "alpha": cfg.alpha, "alpha_report": report, "fused": cfg.save_fused,
+                           **extra})
     log(f"sft done: checkpoint (alpha={cfg.alpha}) in {os.path.join(cfg.out_dir, 'ckpt')}")
 
 
