@@ -130,10 +130,10 @@ def config_help(cfg):
 
 # Generic value rules, applied to whichever of these fields a config has (every stage's config, and data.py's).
 POSITIVE_FIELDS = {"batch_size", "seq_len", "grad_accum", "max_steps", "eval_batches", "iterations",
-                   "prompts_per_iter", "group_size", "max_new_tokens", "micro_batch", "ppo_epochs", "keep_last",
+                   "prompts_per_iter", "group_size", "max_new_tokens", "micro_batch", "num_iterations", "keep_last",
                    "epochs", "n_heldout", "vocab_size", "batch_docs", "shard_tokens"}
-NON_NEGATIVE_FIELDS = {"warmup_steps", "n_eval", "k", "lr", "min_lr", "weight_decay", "grad_clip", "kl_coef",
-                       "temperature", "adv_eps", "clip_eps", "peak_tflops", "workers"}
+NON_NEGATIVE_FIELDS = {"warmup_steps", "n_eval", "k", "lr", "min_lr", "weight_decay", "grad_clip", "beta",
+                       "temperature", "adv_eps", "epsilon", "epsilon_high", "mgpo_lambda", "peak_tflops", "workers"}
 DEVICE_RE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)$")
 
 

@@ -10,7 +10,7 @@ the chosen alpha; the checkpoint written holds the chosen alpha's weights.
 
 Spectrum SFT (VibeThinker's diversity-exploring distillation, arXiv 2511.06221 §3.3), with `--probe_every=N`:
   1. domain-aware diversity probing: a snapshot every N steps (and the last one) is scored on a probe set per
-     sub-domain (rows tagged `kind`; the embedded task's add / sub / two_step / compare: tasks.py writes
+     sub-domain (rows tagged `subdomain`; the embedded task's add / sub / two_step / compare: tasks.py writes
      probe.jsonl) by pass@k (`probe_k` samples at T = 1; greedy pass@1 beside it);       probe_snapshot
   2. the specialist of each sub-domain is its best snapshot by pass@k (ties: the higher pass@1, then the later);
   3. expert fusion: the specialists' weights averaged uniformly, one weight per sub-domain (w_i = 1/N, as the
@@ -55,7 +55,7 @@ class SFTConfig:
     n_eval: int = 200              # held-out problems for the alpha report
     k: int = 8                     # pass@k in that report
     log_interval: int = 20
-    probe: str = "out/data/probe.jsonl"  # spectrum SFT's probe set: rows {question, target, kind}
+    probe: str = "out/data/probe.jsonl"  # spectrum SFT's probe set: rows {question, target, subdomain}
     probe_every: int = 0           # spectrum SFT: probe a snapshot every N steps (0 = off)
     probe_n: int = 32              # probe problems per sub-domain
     probe_k: int = 8               # pass@k of the probe
@@ -163,9 +163,9 @@ def main(cfg):
     probe_sets, snapshots, scores = {}, {}, {}
     if cfg.probe_every > 0:
         for row in read_jsonl(cfg.probe):
-            if "kind" not in row:
-                raise SystemExit(f"error: {cfg.probe} rows need a 'kind' (sub-domain) field; python tasks.py writes one")
-            rows_k = probe_sets.setdefault(row["kind"], [])
+            if "subdomain" not in row:
+                raise SystemExit(f"error: {cfg.probe} rows need a 'subdomain' field; python tasks.py writes one")
+            rows_k = probe_sets.setdefault(row["subdomain"], [])
             if len(rows_k) < cfg.probe_n:
                 rows_k.append(row)
         log(f"spectrum SFT: probing every {cfg.probe_every} steps on {', '.join(probe_sets)} "
