@@ -41,7 +41,7 @@ class AblationConfig:
     hard_share: float = 0.05       # share of hard problems in the built pretraining/SFT data
     pretrain_steps: int = 200      # the built start's pretraining (make demo: 600; cut for a shared 2-core box)
     sft_epochs: float = 0.5        # the built start's SFT (make demo: 1)
-    iterations: int = 12           # the fixed budget of every run
+    iterations: int = 8            # the fixed budget of every run
     prompts_per_iter: int = 8
     group_size: int = 8            # presets that set their own (openrs: 6) keep it
     max_new_tokens: int = 64
@@ -80,9 +80,8 @@ def run_specs(cfg, start, data_dir):
     """(name, group, seed, grpo overrides, eval sets) for every run."""
     data = cfg.data or os.path.join(data_dir, "rl.jsonl")
     heldout = cfg.heldout or os.path.join(data_dir, "heldout.jsonl")
-    evals = {"heldout": heldout}
-    if cfg.hard:
-        evals["hard"] = os.path.join(data_dir, "heldout_hard.jsonl")
+    evals = {"heldout": heldout}  # the presets are judged on the held-out set, the hard-split runs on the hard one
+    hard_evals = {"hard": os.path.join(data_dir, "heldout_hard.jsonl")}
     common = dict(init_from=start, iterations=cfg.iterations, prompts_per_iter=cfg.prompts_per_iter,
                   max_new_tokens=cfg.max_new_tokens, max_sampling_rounds=cfg.max_sampling_rounds, lr=cfg.lr,
                   eval_interval=cfg.iterations, n_eval=0, device=cfg.device, kernels="auto")
@@ -92,11 +91,12 @@ def run_specs(cfg, start, data_dir):
             specs.append((f"{preset}_s{seed}", preset, seed, dict(common, recipe=preset, data=data, seed=seed), evals))
         if cfg.hard:
             hard = dict(common, recipe="grpo", data=os.path.join(data_dir, "rl_hard.jsonl"), seed=seed)
-            specs.append((f"hard_grpo_s{seed}", "hard: grpo", seed, hard, evals))
+            specs.append((f"hard_grpo_s{seed}", "hard: grpo", seed, hard, hard_evals))
             specs.append((f"hard_dynamic_s{seed}", "hard: grpo + dynamic sampling", seed,
-                          dict(hard, dynamic_sampling=True), evals))
+                          dict(hard, dynamic_sampling=True), hard_evals))
             specs.append((f"hard_prefilter_s{seed}", "hard: grpo + pre-filter", seed,
-                          dict(hard, prefilter_samples=cfg.prefilter_samples, prefilter_pool=cfg.prefilter_pool), evals))
+                          dict(hard, prefilter_samples=cfg.prefilter_samples, prefilter_pool=cfg.prefilter_pool),
+                          hard_evals))
     return specs
 
 
@@ -227,7 +227,9 @@ def main(cfg):
     else:
         start, data_dir = build_start(cfg)
     specs = run_specs(cfg, start, data_dir)
-    evals = specs[0][4]
+    evals = {}
+    for spec in specs:
+        evals.update(spec[4])
     start_res = eval_start(start, evals, cfg.out_dir, cfg.k, cfg.n_eval, cfg.max_new_tokens)
     todo, results = [], []
     for spec in specs:
