@@ -78,6 +78,7 @@ class GRPOConfig:
     difficulty_mix: str = ""                 # Open-RS easy/hard mixing: "path:ratio,path:ratio" (replaces data)
     # rewards
     reward_funcs: str = "correctness"        # comma list of correctness, format, cosine, overlong
+    answer_match: str = "strict"             # correctness by tasks.extract_answer: strict (first '#### N') | flexible
     reward_weights: str = ""                 # comma list of floats, one per reward func ("" = all 1)
     soft_punish_cache: int = 0               # DAPO overlong: L_cache tokens before the budget (L_max) (0 = off)
     cosine_min_value_wrong: float = -1.0     # Open-RS/Yeo cosine reward, lengths in tokens, progress clamped
@@ -141,7 +142,8 @@ RECIPES = {
     "mgpo": dict(loss_type="grpo", scale_rewards="group", beta=0.0, mgpo_lambda=4.0),
 }
 
-CHOICES = {"loss_type": ("grpo", "dapo", "dr_grpo"), "scale_rewards": ("group", "batch", "none"),
+CHOICES = {"answer_match": ("strict", "flexible"), "loss_type": ("grpo", "dapo", "dr_grpo"),
+           "scale_rewards": ("group", "batch", "none"),
            "advantage": ("grpo", "rloo"), "importance_sampling_level": ("token", "sequence")}
 REWARD_FUNCS = ("correctness", "format", "cosine", "overlong")
 
@@ -208,9 +210,10 @@ def response_budget(cfg, it):
 # ----------------------------------------------------------------------------------------------
 # 2. Rewards. Each takes one completion; `score` weighs and sums them.
 
-def correctness_reward(text, target):
-    """1 when the extracted answer equals the target (tasks.extract_answer, the evaluation's extractor)."""
-    return exact_match_reward(text, target)
+def correctness_reward(text, target, mode="strict"):
+    """1 when the extracted answer equals the target: tasks.exact_match_reward, the evaluation's extractor
+    (lm-eval GSM8K strict-match = the first '#### N', or flexible-extract = the last number)."""
+    return exact_match_reward(text, target, mode)
 
 
 def format_reward(text):
@@ -242,7 +245,7 @@ def soft_overlong_punishment(length, max_len, cache):
 def score(texts, lengths, targets, cfg, budget):
     """-> (reward (N,), correct (N,) in {0, 1}, {func: mean}) for N completions."""
     funcs, weights = reward_spec(cfg)
-    correct = [correctness_reward(t, y) for t, y in zip(texts, targets)]
+    correct = [correctness_reward(t, y, cfg.answer_match) for t, y in zip(texts, targets)]
     total = [0.0] * len(texts)
     means = {}
     for name, w in zip(funcs, weights):
@@ -500,8 +503,8 @@ def difficulty_prefilter(model, tok, rows, cfg, device, label):
         chunk = [rows[j] for j in idx[i:i + 32]]
         prompts = [prompt_ids(tok, r["question"], "chat") for r in chunk for _ in range(k)]
         completions, _ = sample_completions(model, tok, prompts, cfg.max_new_tokens, cfg, gen)
-        ok = [correctness_reward(tok.decode(c), target_of(r)) for c, r in zip(completions, [r for r in chunk
-                                                                                            for _ in range(k)])]
+        targets = [target_of(r) for r in chunk for _ in range(k)]
+        ok = [correctness_reward(tok.decode(c), t, cfg.answer_match) for c, t in zip(completions, targets)]
         rates += [sum(ok[j * k:(j + 1) * k]) / k for j in range(len(chunk))]
     kept = [j for j, p in zip(idx, rates) if 0 < p < 1]
     return kept, {str(j): p for j, p in zip(idx, rates)}

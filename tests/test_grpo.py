@@ -213,6 +213,16 @@ def test_cosine_length_reward_ends_and_shape():
     assert abs(cosine_length_reward(True, 32, 64) - 0.75) < 1e-12
 
 
+def test_correctness_strict_and_flexible_use_the_shared_extractor():
+    import tasks
+    text = "She has 3 + 4 = 7 left. The answer is 7."  # no '####': strict finds nothing, flexible the last number
+    cfg = grpo.GRPOConfig()
+    for mode, want in (("strict", 0.0), ("flexible", 1.0)):
+        cfg.answer_match = mode
+        _, correct, _ = grpo.score([text], [12], [7], cfg, budget=64)
+        assert correct.item() == want == tasks.exact_match_reward(text, 7, mode)
+
+
 def test_score_weights_and_keeps_binary_correctness():
     cfg = grpo.GRPOConfig(reward_funcs="format,cosine", reward_weights="1,2")
     texts = ["1 + 2 = 3.\n#### 3", "no answer", "#### 5"]
