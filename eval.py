@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from benchmarks import DEFAULT_DATA_DIR
 from common import atomic_write, autocast, load_checkpoint, log, parse_config, pick_device, pick_kernels
-from model import generate
+from engine import Engine, stop_tokens_for
 from tasks import exact_match_reward, prompt_ids, read_jsonl, stop_at_end
 
 
@@ -64,16 +64,16 @@ class EvalConfig:
 def completions(model, tok, questions, fmt, n_samples, temperature, max_new_tokens, batch_size, seed,
                 desc=None):
     """n_samples completions (text) for each question, grouped: out[i] is the list for questions[i]."""
-    stop = tok.end_id if fmt == "chat" else tok.bos_id
-    prompts = [prompt_ids(tok, q, fmt) for q in questions for _ in range(n_samples)]
+    engine = Engine(model, max_batch=batch_size)
     gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
+    per_chunk = max(1, batch_size // n_samples)  # questions per engine call, for the progress bar
     texts = []
-    chunks = range(0, len(prompts), batch_size)
-    for i in tqdm(chunks, desc=desc, leave=False, disable=desc is None):
-        outs = generate(model, prompts[i:i + batch_size], max_new_tokens, stop_id=stop,
-                        temperature=temperature, generator=gen)
-        texts += [stop_at_end(tok.decode(o), fmt) for o in outs]
-    return [texts[i * n_samples:(i + 1) * n_samples] for i in range(len(questions))]
+    for i in tqdm(range(0, len(questions), per_chunk), desc=desc, leave=False, disable=desc is None):
+        prompts = [prompt_ids(tok, q, fmt) for q in questions[i:i + per_chunk]]
+        out = engine.generate(prompts, n=n_samples, max_new_tokens=max_new_tokens,
+                              stop_tokens=stop_tokens_for(tok, fmt), temperature=temperature, generator=gen)
+        texts += [[stop_at_end(tok.decode(s.tokens), fmt) for s in group] for group in out]
+    return texts
 
 
 @torch.no_grad()

@@ -48,7 +48,8 @@ from tqdm import tqdm
 from common import (Metrics, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
                     pick_device, pick_kernels, save_checkpoint, seed_everything)
 from eval import heldout_accuracy
-from model import generate, output_logprobs
+from engine import Engine, stop_tokens_for
+from model import output_logprobs
 from tasks import exact_match_reward, extract_answer, prompt_ids, read_jsonl
 
 
@@ -108,6 +109,7 @@ class GRPOConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch: int = 64                    # sequences per forward/backward (gradient accumulation)
+    gen_batch: int = 256                     # sequences sampled at once by the engine
     eval_interval: int = 10
     n_eval: int = 200
     seed: int = 1337
@@ -376,16 +378,27 @@ def hard_reset(model, ref, optimizer, reset_optimizer):
 # Sampling, batching, log-probs
 
 def sample_completions(model, tok, prompts, budget, cfg, gen):
-    """-> (completions, truncated): new token ids per prompt (cut after <|end|>), and whether each ran
-    out of the budget without the stop token."""
-    model.eval()
-    completions = []
-    for i in range(0, len(prompts), 256):
-        completions += generate(model, prompts[i:i + 256], budget, stop_id=tok.end_id,
-                                temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
-    model.train()
-    truncated = [len(c) >= budget and (not c or c[-1] != tok.end_id) for c in completions]
-    return completions, truncated
+    """-> (completions, truncated): new token ids per prompt (cut after the end-of-turn token), and whether
+    each ran out of the budget without it. Consecutive copies of one prompt (a group) are sampled as n
+    samples of it by the engine, which computes the prompt's prefill once for all of them."""
+    runs = []  # [prompt, copies]
+    for p in prompts:
+        if runs and runs[-1][0] == p:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    n = runs[0][1] if runs and all(c == runs[0][1] for _, c in runs) else 1
+    engine = _ENGINES.get(id(model))
+    if engine is None or engine.model is not model or engine.max_batch != cfg.gen_batch:
+        engine = _ENGINES[id(model)] = Engine(model, max_batch=cfg.gen_batch)  # kept: its CUDA graphs are reused
+    groups = engine.generate([p for p, _ in runs] if n > 1 else prompts, n=n, max_new_tokens=budget,
+                             stop_tokens=stop_tokens_for(tok, "chat"), temperature=cfg.temperature, top_p=cfg.top_p,
+                             generator=gen)
+    samples = [s for group in groups for s in group]
+    return [s.tokens for s in samples], [s.truncated for s in samples]
+
+
+_ENGINES = {}
 
 
 def rollout_batch(tok, prompts, completions, device):

@@ -1,6 +1,6 @@
 """
 The model: a Llama-style decoder (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases,
-tied embeddings) and batched KV-cache generation.
+tied embeddings). Sampling (the KV cache, batching, stop tokens) lives in engine.py.
 
 Attention and the output loss each go through one function (`attention`, `output_loss`,
 `output_logprobs`) so the Triton kernels of kernels/ drop in behind `kernels="triton"`.
@@ -49,15 +49,11 @@ def model_config(preset, **overrides):
 # ----------------------------------------------------------------------------------------------
 # The two swappable functions: attention and the output-layer loss.
 
-def attention(q, k, v, causal, kernels="torch", mask=None):
-    """q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv.
-    `mask` (bool, True = attend, broadcastable to (B, Hq, T, S)) is only used by generation
-    (left padding); the Triton kernel has no padding mask, so that path stays on SDPA."""
-    if kernels == "triton" and mask is None:
+def attention(q, k, v, causal, kernels="torch"):
+    """q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv."""
+    if kernels == "triton":
         from kernels.attention import flash_attention
         return flash_attention(q, k, v, causal=causal)
-    if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.size(1) != k.size(1))
 
 
@@ -119,15 +115,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, kernels, cache=None, mask=None):
+    def forward(self, x, cos, sin, kernels, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # generation: append to this layer's cache, attend to all of it
-            k, v = cache.append(k, v)
-        y = attention(q, k, v, causal=cache is None, kernels=kernels, mask=mask)
+        if cache is not None:  # generation: the engine's cache stores k, v and attends (engine.KVCache)
+            y = cache.attend(q, k, v)
+        else:
+            y = attention(q, k, v, causal=True, kernels=kernels)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -150,8 +147,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kernels, cache=None, mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, kernels, cache, mask)
+    def forward(self, x, cos, sin, kernels, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kernels, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -183,8 +180,9 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx, positions=None, caches=None, mask=None):
-        """Final-normed hidden states (B, T, d). positions: (B, T) or None for 0..T-1."""
+    def hidden_states(self, idx, positions=None, caches=None):
+        """Final-normed hidden states (B, T, d). positions: (B, T) or None for 0..T-1.
+        caches: generation's engine.KVCache (caches[i] is layer i's), or None."""
         B, T = idx.shape
         if positions is None:
             if T > self.cfg.max_seq_len:
@@ -199,7 +197,7 @@ class GPT(nn.Module):
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, self.cfg.kernels, use_reentrant=False)
             else:
-                x = block(x, cos, sin, self.cfg.kernels, None if caches is None else caches[i], mask)
+                x = block(x, cos, sin, self.cfg.kernels, None if caches is None else caches[i])
         return self.norm(x)
 
     def forward(self, idx, targets=None):
@@ -214,95 +212,3 @@ class GPT(nn.Module):
         h = self.hidden_states(idx)
         lp = output_logprobs(h.flatten(0, 1), self.lm_head_weight, targets.flatten(), self.cfg.kernels)
         return lp.view(targets.shape)
-
-
-# ----------------------------------------------------------------------------------------------
-# Generation with a KV cache.
-
-class KVCache:
-    """One layer's cache: preallocated (B, Hkv, max_len, D) keys and values, filled left to right."""
-
-    def __init__(self, B, n_kv_head, max_len, head_dim, device, dtype):
-        self.k = torch.zeros(B, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.len = 0
-
-    def append(self, k, v):
-        T = k.size(2)
-        self.k[:, :, self.len:self.len + T] = k
-        self.v[:, :, self.len:self.len + T] = v
-        self.len += T
-        return self.k[:, :, :self.len], self.v[:, :, :self.len]
-
-
-def sample_next(logits, temperature, top_k, top_p, generator):
-    """logits (B, V) -> next token (B,). temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, stop_id=None, temperature=0.0, top_k=0, top_p=1.0, generator=None):
-    """Batched sampling for a list of prompts (lists of token ids, any lengths).
-
-    Prompts are left-padded; each row's positions start at 0 at its first real token and padded
-    keys are masked out, so every row computes exactly what it would alone. Returns the new
-    tokens of each row, cut after `stop_id` (included)."""
-    cfg = model.cfg
-    device = model.embed.weight.device
-    B = len(prompts)
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    P = int(lens.max())
-    total = P + max_new_tokens
-    if total > cfg.max_seq_len:
-        raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {cfg.max_seq_len}")
-    pad = P - lens  # (B,)
-    idx = torch.zeros(B, P, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-    head_dim = cfg.d_model // cfg.n_head
-    dtype = model.embed.weight.dtype
-    caches = [KVCache(B, cfg.n_kv_head, total, head_dim, device, dtype) for _ in range(cfg.n_layer)]
-    slots = torch.arange(total, device=device)
-    key_ok = slots[None, :] >= pad[:, None]  # (B, total): False on left padding
-
-    # prefill: causal among real tokens
-    positions = (torch.arange(P, device=device)[None, :] - pad[:, None]).clamp(min=0)
-    mask = key_ok[:, None, None, :P] & (slots[None, None, :P, None] >= slots[None, None, None, :P])
-    mask = mask | ~key_ok[:, None, :P, None]  # padded queries attend to everything: avoids NaN rows, never read
-    h = model.hidden_states(idx, positions, caches, mask)[:, -1]
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    n = 0
-    for t in range(max_new_tokens):
-        logits = F.linear(h, model.lm_head_weight).float()
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        out[:, t] = nxt
-        n = t + 1
-        if stop_id is not None:
-            done |= nxt == stop_id
-            if bool(done.all()):
-                break
-        if t == max_new_tokens - 1:
-            break
-        pos = (P + t - pad)[:, None]
-        mask = key_ok[:, None, None, :P + t + 1]
-        h = model.hidden_states(nxt[:, None], pos, caches, mask)[:, -1]
-    result = []
-    for row in out[:, :n].tolist():
-        if stop_id is not None and stop_id in row:
-            row = row[:row.index(stop_id) + 1]
-        result.append(row)
-    return result

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, ModelConfig, attention, generate, output_logprobs, output_loss
+from model import GPT, ModelConfig, attention, output_logprobs, output_loss
 
 torch.set_num_threads(2)
 
@@ -24,42 +24,6 @@ def test_future_tokens_never_change_past_logits():
         a, b = model(x), model(y)
     torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-5)
     assert not torch.allclose(a[:, 12:], b[:, 12:])  # and the future really did change
-
-
-def naive_generate(model, prompt, n, stop_id):
-    """Greedy decoding by re-running the whole sequence each step, one prompt alone."""
-    seq = list(prompt)
-    out = []
-    for _ in range(n):
-        with torch.no_grad():
-            nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
-        out.append(nxt)
-        seq.append(nxt)
-        if nxt == stop_id:
-            break
-    return out
-
-
-def test_kv_cache_generation_equals_reforward():
-    torch.manual_seed(1)
-    model = GPT(small_cfg()).eval()
-    # different prompt lengths exercise the left padding, positions and padding mask
-    prompts = [torch.randint(0, 97, (L,)).tolist() for L in (3, 9, 1, 14)]
-    stop = 5
-    got = generate(model, prompts, max_new_tokens=12, stop_id=stop, temperature=0.0)
-    for p, g in zip(prompts, got):
-        assert g == naive_generate(model, p, 12, stop)
-
-
-def test_sampling_respects_top_k():
-    torch.manual_seed(2)
-    model = GPT(small_cfg()).eval()
-    prompt = [1, 2, 3]
-    with torch.no_grad():
-        top = set(torch.topk(model(torch.tensor([prompt]))[0, -1], 3).indices.tolist())
-    gen = torch.Generator().manual_seed(0)
-    firsts = {generate(model, [prompt], 1, temperature=1.5, top_k=3, generator=gen)[0][0] for _ in range(40)}
-    assert firsts <= top and len(firsts) > 1
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
@@ -142,15 +106,3 @@ def test_triton_kernels_path_matches_torch_path():
     with torch.no_grad():
         torch.testing.assert_close(tri.token_logprobs(x, y.clamp(min=0)), ref.token_logprobs(x, y.clamp(min=0)),
                                    rtol=1e-4, atol=1e-5)
-
-
-def test_top_p_keeps_the_smallest_prefix_reaching_p():
-    from model import sample_next
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    logits = probs.log()
-    gen = torch.Generator().manual_seed(0)
-    seen = {int(sample_next(logits, 1.0, 0, 0.75, gen)) for _ in range(300)}
-    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.75: tokens 2 and 3 are never drawn
-    seen = {int(sample_next(logits, 1.0, 0, 0.9, gen)) for _ in range(300)}
-    assert seen == {0, 1, 2}
-    assert {int(sample_next(logits, 1.0, 0, 0.4, gen)) for _ in range(50)} == {0}
