@@ -543,3 +543,71 @@ def attention_reference(q, k, v, causal=True, sm_scale=None):
     s = s.masked_fill(~keep.any(-1, keepdim=True), 0.0)
     p = torch.softmax(s, dim=-1) * keep
     return p.to(v.dtype) @ v
+
+
+# -----------------------------------------------------------------------------
+# Decoding with per-row offsets: one new query per sequence against its KV cache
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, BIAS, O, qk_scale, S,
+                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                   stride_bb, stride_ob, stride_oh,
+                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    # one program per (sequence, kv head): the GROUP query heads that share this kv head are the
+    # rows of one tile (padded to BLOCK_G >= 16 for tl.dot), so each key block is read once
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_ok = offs_g < GROUP
+    q_ptrs = Q + b * stride_qb + (hk * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    for n0 in range(0, S, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < S
+        # bias is 0 (attend) or -inf (padding / not yet written), in natural-log units
+        bias = tl.load(BIAS + b * stride_bb + offs_n, mask=n_ok, other=float("-inf"))
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias[None, :] * 1.4426950408889634
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block of only masked keys
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row with no visible key -> 0
+    o_ptrs = O + b * stride_ob + (hk * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=g_ok[:, None])
+
+
+def decode_attention(q, k, v, bias, sm_scale=None):
+    """Decode-step attention for the sampling engine: q (B, Hq, 1, D) against k, v (B, Hkv, S, D)
+    with an additive key bias (B, S) of 0 (attend) / -inf (left padding, unwritten slots), i.e. each
+    row's offsets. Forward only. Equals engine.offset_attention (its PyTorch twin, the reference)."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    assert T == 1, "decode_attention: one query per sequence"
+    assert Hq % Hkv == 0 and D in (32, 64, 128) and q.dtype == k.dtype == v.dtype
+    assert (q.is_cuda or INTERPRET) and bias.shape == (B, S)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    bias = bias.float().contiguous()
+    o = _empty((B, Hq, 1, D), q.dtype, q.device)
+    group = Hq // Hkv
+    _decode_kernel[(B, Hkv)](q, k, v, bias, o, sm_scale * LOG2E, S,
+                             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+                             v.stride(0), v.stride(1), v.stride(2), bias.stride(0), o.stride(0), o.stride(1),
+                             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+                             BLOCK_N=32 if INTERPRET else 64, HEAD_DIM=D, PRECISION=_precision(q.dtype),
+                             num_warps=4)
+    return o

@@ -43,6 +43,7 @@ CHUNK_ELEMENTS = 2 ** 28
 # tests cross several blocks and a ragged tail with a tiny vocab
 BLOCK_V = 32 if INTERPRET else 4096
 NUM_WARPS = 8
+IGNORE_INDEX = -100  # fused_linear_logprobs: a token of -100 has log-prob 0 and no gradient (PyTorch's convention)
 
 
 def _empty(shape, dtype, device):
@@ -244,9 +245,10 @@ class _LinearLogprobs(torch.autograd.Function):
                 e = min(s + C, N)
                 logits = buf[: e - s]
                 torch.mm(hc[s:e], wc.t(), out=logits)
-                # ignore_index=-1 matches no token id: every row is a real token
+                # rows whose token is -100 get log-prob 0 (and grad 0), as PyTorch's cross_entropy gives
                 _xent_fwd_kernel[(e - s,)](logits, logits.stride(0), tokens[s:e], loss_rows[s:e], lse[s:e],
-                                           lse, V, -1, WRITE_GRAD=False, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+                                           lse, V, IGNORE_INDEX, WRITE_GRAD=False, BLOCK_V=BLOCK_V,
+                                           num_warps=NUM_WARPS)
         ctx.save_for_backward(h, weight, tokens, lse)
         ctx.dtype, ctx.chunk = dtype, C
         return loss_rows.neg_()
@@ -259,7 +261,7 @@ class _LinearLogprobs(torch.autograd.Function):
         dtype, C = ctx.dtype, ctx.chunk
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dtype), weight.to(dtype)
-            grad = grad.to(torch.float32).contiguous()  # upstream grads are often expanded (stride 0)
+            grad = grad.to(torch.float32).masked_fill(tokens == IGNORE_INDEX, 0.0).contiguous()  # ignored: no grad
             dh = _empty((N, h.shape[1]), dtype, h.device) if need_dh else None
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_dw else None
             buf = _empty((C, V), dtype, h.device)
@@ -278,7 +280,8 @@ class _LinearLogprobs(torch.autograd.Function):
 
 def fused_linear_logprobs(h, weight, tokens, *, chunk_size=None):
     """log_softmax(h @ weight.T)[i, tokens[i]] as float32 of tokens' shape,
-    differentiable w.r.t. h and weight. tokens must all be in [0, V)."""
+    differentiable w.r.t. h and weight. tokens in [0, V), or -100: log-prob 0, no grad
+    (what -F.cross_entropy(..., reduction="none") gives, the PyTorch path of model.output_logprobs)."""
     _check(h, weight, tokens)
     shape = tokens.shape
     h, tokens = h.reshape(-1, h.shape[-1]), tokens.reshape(-1)
@@ -303,5 +306,5 @@ def linear_cross_entropy_reference(h, weight, targets, ignore_index=-100):
 
 
 def linear_logprobs_reference(h, weight, tokens):
-    logp = torch.log_softmax(_ref_logits(h, weight), dim=-1)
-    return logp.gather(1, tokens.reshape(-1, 1)).view(tokens.shape)
+    # PyTorch's own convention for -100: cross_entropy(reduction="none") gives 0 there
+    return -F.cross_entropy(_ref_logits(h, weight), tokens.reshape(-1), reduction="none").view(tokens.shape)

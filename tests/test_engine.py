@@ -171,3 +171,32 @@ def test_cuda_graphs_equal_eager_on_gpu(dtype):
         else:  # bf16: a near-tie may flip; most tokens agree
             same = sum(a.tokens == b.tokens for ga, gb in zip(got, eager) for a, b in zip(ga, gb))
             assert same >= 0.8 * 15
+
+
+def test_greedy_equals_transformers_generate():
+    """The same weights in transformers' Llama: its greedy `generate` gives the same tokens."""
+    pytest.importorskip("transformers")
+    from bench.generate import hf_generate, hf_llama_from
+    torch.manual_seed(12)
+    model = GPT(small_cfg(n_layer=3, max_seq_len=128)).eval()
+    hf = hf_llama_from(model)
+    prompts = random_prompts((8, 8, 8))  # equal lengths: transformers' left padding would shift nothing
+    ours = Engine(model).generate(prompts, max_new_tokens=20)
+    with torch.no_grad():
+        ref = hf_generate(hf, torch.tensor(prompts), 20, static=False).tolist()
+    assert [o[0].tokens for o in ours] == ref
+
+
+def test_triton_decode_attention_in_the_engine():
+    """decode_attention="triton" (interpreted on CPU): the same greedy tokens as the PyTorch path."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(13)
+    model = GPT(small_cfg(n_layer=1, n_head=2, n_kv_head=1, d_model=64)).to(device).eval()  # head dim 32
+    prompts = random_prompts((3, 7, 1))
+    ref = Engine(model, cuda_graphs=False).generate(prompts, max_new_tokens=6, stop_tokens=[5])
+    got = Engine(model, cuda_graphs=False, decode_attention="triton").generate(prompts, max_new_tokens=6,
+                                                                               stop_tokens=[5])
+    assert got == ref

@@ -25,6 +25,9 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16/fp16 and large shapes nee
 DTYPES = [torch.float32,
           pytest.param(torch.bfloat16, marks=needs_cuda),
           pytest.param(torch.float16, marks=needs_cuda)]
+# fp16 under the CPU interpreter (it has no bf16 dot, but fp16 works): a few small cases, so the 16-bit
+# code paths (casts, fp32 accumulation of 16-bit products) run in every `make test`, not only on a GPU
+FP16_ON_CPU = pytest.mark.skipif(CUDA, reason="on CUDA the fp16 cases run in the full DTYPES grid")
 
 
 # On a GPU, autotuning every distinct shape/dtype of the grid would compile
@@ -128,6 +131,27 @@ def test_attention(B, Hq, Hkv, T, S, D, causal, q_scale, dtype):
     out = check_attention(q, k, v, do, causal, dtype)[0]
     if causal and S < T:  # rows that see no key are exactly 0, not NaN
         assert (out[:, :, : T - S] == 0).all()
+
+
+@needs_cuda
+def test_attention_production_shape_bf16():
+    """The shape the 135M model trains at: bf16, T=2048, head dim 64, 9 query heads over 3 kv heads,
+    in the model's own layout (q, k, v as transposed views of (B, T, H, D))."""
+    seed("production")
+    B, Hq, Hkv, T, D = 2, 9, 3, 2048, 64
+    q = torch.randn(B, T, Hq, D, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(B, T, Hkv, D, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+    v = torch.randn(B, T, Hkv, D, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+    do = torch.randn(B, Hq, T, D, device=DEVICE, dtype=torch.bfloat16)
+    check_attention(q, k, v, do, True, torch.bfloat16)
+
+
+@FP16_ON_CPU
+@pytest.mark.parametrize("case", [ATTN_CASES[i] for i in (1, 3, 6, 7)], ids=["gqa-odd", "d128", "decode", "T>S"])
+def test_attention_fp16_interpreted(case):
+    B, Hq, Hkv, T, S, D, causal, q_scale = case
+    seed("fp16", *case)
+    check_attention(*attn_inputs(B, Hq, Hkv, T, S, D, q_scale, torch.float16), causal, torch.float16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -288,11 +312,11 @@ def test_linear_cross_entropy(N, d, V, chunk, n_ignored, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,d,V,chunk", [c[:4] for c in CE_CASES] + [pytest.param(*c[:4], marks=needs_cuda)
-                                                                    for c in CE_CASES_GPU])
-def test_linear_logprobs(N, d, V, chunk, dtype):
+@pytest.mark.parametrize("N,d,V,chunk,n_ignored", CE_PARAMS)
+def test_linear_logprobs(N, d, V, chunk, n_ignored, dtype):
+    """-100 tokens (n_ignored of them) get log-prob 0 and no grad, as on the PyTorch path."""
     seed("logprobs", N, d, V, chunk, dtype)
-    h, w, tok = ce_inputs(N, d, V, 0, dtype)
+    h, w, tok = ce_inputs(N, d, V, n_ignored, dtype)
     g = torch.randn(N, device=DEVICE)
 
     def run(fn, h, w, **kw):
@@ -307,6 +331,15 @@ def test_linear_logprobs(N, d, V, chunk, dtype):
     assert got[0].dtype == torch.float32
     for name, a, r, l in zip(("logprobs", "dh", "dW"), got, ref64, lowp):
         assert_fits(name, a, r, l, dtype)
+    ignored = tok == -100
+    assert (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all()
+
+
+@FP16_ON_CPU
+@pytest.mark.parametrize("case", [CE_CASES[0]], ids=["chunks-and-ignored"])
+def test_linear_cross_entropy_and_logprobs_fp16_interpreted(case):
+    test_linear_cross_entropy(*case, torch.float16)
+    test_linear_logprobs(*case, torch.float16)
 
 
 def test_cross_entropy_modes():
@@ -367,3 +400,28 @@ def test_cross_entropy_autocast():
     lowp = ce_fwd_bwd(X.linear_cross_entropy_reference, hb, wb, t, 1.0)
     for name, g, r, l in zip(("loss", "dh", "dW"), (loss, hh.grad, ww.grad), ref64, lowp):
         assert_fits(name, g, r, l, torch.bfloat16)
+
+
+# -----------------------------------------------------------------------------
+# decode attention with per-row offsets (the sampling engine's Triton path)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)])
+@pytest.mark.parametrize("B,Hq,Hkv,S,D", [(3, 6, 2, 70, 32), (2, 9, 3, 33, 64), (1, 4, 4, 5, 128)])
+def test_decode_attention(B, Hq, Hkv, S, D, dtype):
+    """Each row attends only to its slots [start, end): against SDPA on exactly those keys, in float64."""
+    seed("decode", B, Hq, Hkv, S, D, dtype)
+    q = torch.randn(B, Hq, 1, D, device=DEVICE).to(dtype)
+    k, v = torch.randn(B, Hkv, S, D, device=DEVICE).to(dtype), torch.randn(B, Hkv, S, D, device=DEVICE).to(dtype)
+    start = torch.randint(0, S // 2, (B,), device=DEVICE)
+    end = torch.randint(S // 2 + 1, S + 1, (B,), device=DEVICE)  # static cache: slots past `end` not written yet
+    slots = torch.arange(S, device=DEVICE)
+    ok = (slots[None] >= start[:, None]) & (slots[None] < end[:, None])
+    bias = torch.zeros(B, S, device=DEVICE).masked_fill(~ok, float("-inf"))
+    got = A.decode_attention(q, k, v, bias)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    for b in range(B):
+        s, e = int(start[b]), int(end[b])
+        ref = A.attention_reference(q[b:b + 1].double(), k[b:b + 1, :, s:e].double(), v[b:b + 1, :, s:e].double(),
+                                    causal=False)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got[b:b + 1].double(), ref, atol=tol, rtol=tol)

@@ -87,15 +87,17 @@ def test_token_logprobs_equals_log_softmax_of_logits():
 
 
 def test_triton_kernels_path_matches_torch_path():
-    """The model wired to kernels/ (interpreted on CPU) gives the PyTorch path's loss, log-probs and grads."""
+    """The model wired to kernels/ (compiled on CUDA, interpreted on CPU) gives the PyTorch path's loss,
+    log-probs (-100 targets included: 0 on both paths) and grads."""
     pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(5)
     cfg = dict(vocab_size=61, n_layer=1, n_head=2, n_kv_head=1, d_model=64, d_ff=96, max_seq_len=32)
-    ref = GPT(small_cfg(**cfg, kernels="torch"))
-    tri = GPT(small_cfg(**cfg, kernels="triton"))
+    ref = GPT(small_cfg(**cfg, kernels="torch")).to(device)
+    tri = GPT(small_cfg(**cfg, kernels="triton")).to(device)
     tri.load_state_dict(ref.state_dict())
-    x = torch.randint(0, 61, (2, 19))
-    y = torch.randint(0, 61, (2, 19))
+    x = torch.randint(0, 61, (2, 19), device=device)
+    y = torch.randint(0, 61, (2, 19), device=device)
     y[0, :5] = -100
     ref(x, y).backward()
     loss = tri(x, y)
@@ -104,5 +106,6 @@ def test_triton_kernels_path_matches_torch_path():
     for (name, a), b in zip(ref.named_parameters(), tri.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
     with torch.no_grad():
-        torch.testing.assert_close(tri.token_logprobs(x, y.clamp(min=0)), ref.token_logprobs(x, y.clamp(min=0)),
-                                   rtol=1e-4, atol=1e-5)
+        lp_tri, lp_ref = tri.token_logprobs(x, y), ref.token_logprobs(x, y)
+        torch.testing.assert_close(lp_tri, lp_ref, rtol=1e-4, atol=1e-5)
+        assert (lp_tri[0, :5] == 0).all() and (lp_tri[0, 5:] < 0).all()
