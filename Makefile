@@ -14,7 +14,7 @@ SEED   ?= 1337
 P       = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo demo-data pretrain sft grpo eval report test clean-demo bench-kernels gpu data bench-dedup ablation
+.PHONY: setup demo demo-data pretrain sft grpo eval report test clean-demo bench-kernels bench-generate bench-train gpu data bench-dedup ablation
 
 setup: $(STAMP)
 
@@ -78,9 +78,18 @@ bench-dedup: setup
 bench-kernels: setup
 	$(P) bench/kernels.py
 
-# the one command to run on a GPU machine: GPU tests + benchmarks, raw output under bench/results/
+# engine vs transformers' generate (transformers needed); CPU: short, one thread per process (see bench/generate.py)
+bench-generate: setup
+	$(P) bench/generate.py
+
+# 135M training step (GPU); without CUDA it runs its tiny --smoke shape
+bench-train: setup
+	$(P) bench/train_step.py
+
+# the one command to run on a GPU machine: GPU tests + benchmarks in separate steps, raw output under
+# bench/results/ (and $OUT); STEPS="kernels generate" runs only those (one step per command on a 10-minute limit)
 gpu:
-	bash bench/gpu.sh
+	PYTHON=$(if $(wildcard $(P)),$(P),python3) bash bench/gpu.sh $(STEPS)
 
 clean-demo:
 	rm -rf $(OUT)

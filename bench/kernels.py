@@ -7,13 +7,17 @@ Attention (bf16, causal): forward and forward+backward TFLOP/s, ours vs
 F.scaled_dot_product_attention pinned to its flash backend, vs flash-attn.
 Fused linear + cross-entropy (bf16, N=16384 tokens): forward+backward time and
 peak memory, ours vs F.linear + F.cross_entropy.
-Timings are triton.testing.do_bench medians. Prints a table and writes it with
-the raw numbers to bench/results/kernels-<device>.json.
+Timings are triton.testing.do_bench medians. Every row is appended to
+bench/results/kernels-<device>.jsonl (and $OUT/ when set) the moment it is measured, with device,
+driver, versions, git commit and date in it, so a crash or a time limit keeps the rows before it;
+--only=attention,decode,ce runs a subset.
 """
+import argparse
 import datetime
 import json
 import os
 import re
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -29,7 +33,8 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 import triton
 from triton.testing import do_bench
 
-from kernels.attention import flash_attention
+from engine import offset_attention
+from kernels.attention import decode_attention, flash_attention
 from kernels.cross_entropy import fused_linear_cross_entropy
 
 try:
@@ -45,6 +50,26 @@ ATTN_GQA = [(8, 9, 3, 2048, 64), (16, 9, 3, 1024, 64)]
 # KV-cache decoding: 1 new query per sequence against S cached keys, forward only
 DECODE_SHAPES = [(16, 9, 3, 4096, 64), (4, 16, 16, 8192, 128)]  # (B, Hq, Hkv, S, D)
 CE_SHAPES = [(16384, d, V) for d in (576, 1536) for V in (49152, 151936)]  # (N, d, V)
+
+
+META = {}       # device, versions, commit, date: filled by main, copied into every row
+ROW_FILES = []  # where each row is appended
+
+
+def emit(section, row):
+    """Append one measured row (with META) to the JSONL files now, and return it."""
+    line = json.dumps(dict(META, section=section, **row))
+    for path in ROW_FILES:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    return row
+
+
+def _cmd(*args):
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    except Exception:
+        return None
 
 
 def err(e):
@@ -111,7 +136,7 @@ def bench_attention():
             row = dict(shape, **time_attention(name, fn, q, k, v, do, flops_fwd))
             if "error" not in row:
                 row["max_abs_diff_vs_sdpa"] = (fn(q, k, v).float() - ref.float()).abs().max().item()
-            rows.append(row)
+            rows.append(emit("attention", row))
             print(fmt_attn(row), flush=True)
         del q, k, v, do, ref
         torch.cuda.empty_cache()
@@ -133,7 +158,11 @@ def bench_decode():
                 return F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
 
         ref = sdpa(q, k, v)
-        for name, fn in [("triton (ours)", lambda q, k, v: flash_attention(q, k, v, causal=True)), ("sdpa", sdpa)]:
+        bias = torch.zeros(B, S, device=DEVICE)  # the engine's per-row offsets (none padded here)
+        impls = [("triton (ours)", lambda q, k, v: flash_attention(q, k, v, causal=True)), ("sdpa", sdpa),
+                 ("triton decode, offsets (engine)", lambda q, k, v: decode_attention(q, k, v, bias)),
+                 ("torch offsets (engine)", lambda q, k, v: offset_attention(q, k, v, bias))]
+        for name, fn in impls:
             row = dict(B=B, Hq=Hq, Hkv=Hkv, T=1, S=S, D=D, dtype=str(DTYPE), impl=name)
             try:
                 out = fn(q, k, v)
@@ -143,7 +172,7 @@ def bench_decode():
                 row["kv_gbps"] = 2 * k.numel() * k.element_size() / row["fwd_ms"] * 1e-6
             except Exception as e:
                 row["error"] = err(e)
-            rows.append(row)
+            rows.append(emit("decode", row))
             print(fmt_decode(row), flush=True)
     return rows
 
@@ -159,6 +188,9 @@ def ce_baseline_bf16_logits(h, w, t):
 def bench_cross_entropy():
     rows = []
     impls = [("triton fused (ours)", fused_linear_cross_entropy),
+             # a 4x smaller logits chunk: less peak memory, more passes over the fp32 dW (is it slower?)
+             ("triton fused, 2^26-element chunk", lambda h, w, t: fused_linear_cross_entropy(
+                 h, w, t, chunk_size=max(128, 2 ** 26 // w.shape[0] // 128 * 128))),
              ("F.linear + F.cross_entropy", ce_baseline_bf16_logits),
              ("F.linear + .float() + F.cross_entropy", ce_baseline)]
     for N, d, V in CE_SHAPES:
@@ -195,7 +227,7 @@ def bench_cross_entropy():
             except Exception as e:
                 row["error"] = err(e)
             h.grad = w.grad = None
-            rows.append(row)
+            rows.append(emit("cross_entropy", row))
             print(fmt_ce(row), flush=True)
         del h, w, t, ref
         torch.cuda.empty_cache()
@@ -227,26 +259,39 @@ def fmt_ce(r):
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="attention,decode,ce", help="comma-separated: attention, decode, ce")
+    only = ap.parse_args().only.split(",")
     dev = torch.cuda.get_device_name()
-    meta = dict(device=dev, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+    git = _cmd("git", "rev-parse", "HEAD")
+    META.update(device=dev, driver=_cmd("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, git=git,
                 flash_attn=getattr(sys.modules.get("flash_attn"), "__version__", None),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    print(" ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
-    print("\n== attention, causal, bf16 (median of do_bench) ==", flush=True)
-    attn = bench_attention()
-    print("\n== decode (1 query vs KV cache), bf16, forward ==", flush=True)
-    decode = bench_decode()
-    print("\n== fused linear + cross-entropy, bf16, fwd+bwd ==", flush=True)
-    ce = bench_cross_entropy()
-    table = "\n".join([fmt_attn(r) for r in attn] + [""] + [fmt_decode(r) for r in decode] + [""]
-                      + [fmt_ce(r) for r in ce])
     slug = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"kernels-{slug}.json")
-    with open(path, "w") as f:
-        json.dump(dict(meta, table=table, attention=attn, decode=decode, cross_entropy=ce), f, indent=1)
-    print(f"\nwrote {path}")
+    ROW_FILES.append(os.path.join(out_dir, f"kernels-{slug}.jsonl"))
+    if os.environ.get("OUT"):
+        os.makedirs(os.environ["OUT"], exist_ok=True)
+        ROW_FILES.append(os.path.join(os.environ["OUT"], f"kernels-{slug}.jsonl"))
+    print(" ".join(f"{k}={v}" for k, v in META.items()), flush=True)
+    print(f"rows appended to {', '.join(ROW_FILES)} as they are measured", flush=True)
+    sections = [("attention", "== attention, causal, bf16 (median of do_bench) ==", bench_attention),
+                ("decode", "== decode (1 query vs KV cache), bf16, forward ==", bench_decode),
+                ("ce", "== fused linear + cross-entropy, bf16, fwd+bwd ==", bench_cross_entropy)]
+    failed = 0
+    for key, title, fn in sections:
+        if key not in only:
+            continue
+        print("\n" + title, flush=True)
+        try:
+            fn()
+        except Exception as e:  # one section's crash keeps the others' rows
+            failed += 1
+            print(f"section {key} failed: {err(e)}", flush=True)
+            emit(key, {"error": err(e)})
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
