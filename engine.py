@@ -19,7 +19,6 @@ On CUDA (`cuda_graphs`), decode runs from a static cache (every step attends ove
 slots past the current one masked by the offsets) and each batch-size bucket's step is captured once
 as a CUDA graph, which removes the per-operation launch overhead that dominates a small model.
 """
-import math
 from typing import NamedTuple
 
 import torch
@@ -64,17 +63,13 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 
 def offset_attention(q, k, v, bias, backend="torch"):
     """Decode attention: q (B, Hq, T, D) against k, v (B, Hkv, S, D) with an additive key bias
-    (B, S) (0 = attend, -inf = padding or not yet written). GQA without repeating K/V: the query
-    heads of a group are stacked as rows of one matmul against their shared kv head."""
+    (B, S) in q's dtype (0 = attend, -inf = padding or not yet written). One SDPA call (GQA without
+    repeating K/V where the backend can): a single op per layer matters, since a decode step is mostly
+    per-operation overhead for a small model."""
     if backend == "triton":
         from kernels.attention import decode_attention
         return decode_attention(q, k, v, bias)
-    B, Hq, T, D = q.shape
-    Hkv, S = k.size(1), k.size(2)
-    qg = q.reshape(B, Hkv, (Hq // Hkv) * T, D)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D)) + bias[:, None, None, :]
-    y = torch.matmul(scores.softmax(-1).to(v.dtype), v)
-    return y.view(B, Hq, T, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :], enable_gqa=q.size(1) != k.size(1))
 
 
 class KVCache:
@@ -89,7 +84,8 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.start = start
         self.slots = torch.arange(S, device=device)
-        self.bias = torch.zeros(B, S, device=device).masked_fill(self.slots[None, :] < start[:, None], float("-inf"))
+        self.bias = torch.zeros(B, S, device=device, dtype=dtype).masked_fill(self.slots[None, :] < start[:, None],
+                                                                                float("-inf"))
         self.len = 0
         self.backend = backend
         self.static = static        # attend over all S slots, write at the tensor position `cur` (graph-safe)

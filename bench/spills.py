@@ -11,6 +11,7 @@ Prints one line per (kernel, tile class, config): registers per thread, spill st
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,8 +47,10 @@ def compile_ptx(fn, tile, head_dim, dtype, arch):
             sig[p.name] = "fp32"
         else:
             sig[p.name] = "i32"
-    # pointers 16-byte aligned, as torch allocations are
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
+    # as a real launch specializes them: pointers 16-byte aligned (torch allocations), strides multiples of 16
+    # (every stride of a (B, H, T, D) tensor with D in {64, 128} is)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+             if sig[p.name].startswith("*") or p.name.startswith("stride_")}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     k = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
@@ -55,7 +58,13 @@ def compile_ptx(fn, tile, head_dim, dtype, arch):
 
 
 def ptxas_report(ptx, arch):
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    # the ptxas Triton bundles; newer Tritons emit PTX versions only their "-blackwell" (newer CUDA) build reads
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    version = re.search(r"^\.version (\d+)\.(\d+)", ptx, re.M)
+    names = ["ptxas", "ptxas-blackwell"] if version and (int(version.group(1)), int(version.group(2))) < (8, 9) \
+        else ["ptxas-blackwell", "ptxas"]
+    ptxas = next((os.path.join(bin_dir, n) for n in names if os.path.exists(os.path.join(bin_dir, n))),
+                 shutil.which("ptxas"))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
         with open(path, "w") as f:
@@ -67,7 +76,7 @@ def ptxas_report(ptx, arch):
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return (int(regs.group(1)) if regs else None, int(spill.group(1)) if spill else None,
-            int(spill.group(2)) if spill else None, text if out.returncode else None)
+            int(spill.group(2)) if spill else None, text)
 
 
 def main():
@@ -88,6 +97,9 @@ def main():
                     regs, st, ld, err = ptxas_report(compile_ptx(fn, tile, head_dim, args.dtype, args.arch), args.arch)
                 except Exception as e:
                     print(f"{name:5s} {cls:5s} {tile}: compile failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                if regs is None:
+                    print(f"{name:5s} {cls:5s} {tile}: no ptxas report: {(err or '')[:300]}", flush=True)
                     continue
                 n_total += 1
                 n_spilling += bool(st or ld)
