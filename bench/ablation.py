@@ -100,6 +100,13 @@ def run_specs(cfg, start, data_dir):
     return specs
 
 
+def eval_rows(path, n):
+    """The first n problems of a JSONL file, each with a `target` (GSM8K rows carry it after '#### ')."""
+    from grpo import target_of
+    from tasks import read_jsonl
+    return [dict(r, target=target_of(r)) for r in read_jsonl(path)[:n]]
+
+
 def run_one(args):
     """One GRPO run in a worker: train, then evaluate its checkpoint. -> result dict (also written to runs/)."""
     name, group, seed, overrides, evals, out_dir, group_size, k, n_eval = args
@@ -108,7 +115,6 @@ def run_one(args):
     import grpo
     from common import load_checkpoint, pick_device
     from eval import heldout_accuracy
-    from tasks import read_jsonl
     cfg = grpo.apply_recipe(grpo.GRPOConfig(), overrides["recipe"])
     if "group_size" not in grpo.RECIPES[overrides["recipe"]]:
         cfg.group_size = group_size
@@ -147,7 +153,7 @@ def run_one(args):
         res["prefilter"] = {k2: pre[k2] for k2 in ("prefilter_measured", "prefilter_zero", "prefilter_one",
                                                    "prefilter_kept")}
     for split, path in evals.items():
-        acc = heldout_accuracy(model, tok, read_jsonl(path)[:n_eval], "chat", k=k, max_new_tokens=cfg.max_new_tokens,
+        acc = heldout_accuracy(model, tok, eval_rows(path, n_eval), "chat", k=k, max_new_tokens=cfg.max_new_tokens,
                                seed=0)
         res[split] = acc
     res["wall_seconds"] = round(time.time() - t0, 1)
@@ -169,11 +175,10 @@ def eval_start(start, evals, out_dir, k, n_eval, max_new_tokens):
     torch.set_num_threads(1)
     from common import load_checkpoint
     from eval import heldout_accuracy
-    from tasks import read_jsonl
     model, tok, _, _ = load_checkpoint(start)
     res = {"name": "start", "group": "start (SFT, no RL)", "seed": 0}
     for split, p in evals.items():
-        res[split] = heldout_accuracy(model, tok, read_jsonl(p)[:n_eval], "chat", k=k, max_new_tokens=max_new_tokens,
+        res[split] = heldout_accuracy(model, tok, eval_rows(p, n_eval), "chat", k=k, max_new_tokens=max_new_tokens,
                                       seed=0)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
