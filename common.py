@@ -381,9 +381,8 @@ def load_checkpoint(path, device="cpu", expect_stage=None, kernels="torch"):
         raise SystemExit(f"error: checkpoint {ckpt} names tokenizer {meta.get('tokenizer')} but carries "
                          f"{tok.fingerprint}; the checkpoint is inconsistent, re-run the stage that wrote it.")
     cfg = ModelConfig(**meta["model_config"], kernels=kernels)
-    model = GPT(cfg)
-    try:
-        model.load_state_dict(state)
+    try:  # the loaded tensors become the parameters: no second copy, dtype kept (an import's bf16 stays bf16)
+        model = GPT.from_state_dict(cfg, state)
     except RuntimeError as e:
         raise SystemExit(f"error: weights in {ckpt} do not fit its model config ({str(e)[:160]})")
     return model.to(device), tok, meta, ckpt

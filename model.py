@@ -1,6 +1,8 @@
 """
 The model: a Llama-style decoder (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases,
-tied embeddings). Sampling (the KV cache, batching, stop tokens) lives in engine.py.
+tied embeddings). Sampling (the KV cache, batching, stop tokens) lives in engine.py. Two switches make
+it a Qwen2 too (`qkv_bias`, `tie_embeddings=False`), so Hugging Face Llama/Qwen2 checkpoints map onto
+it one tensor for one tensor (hf.py).
 
 Attention and the output loss each go through one function (`attention`, `output_loss`,
 `output_logprobs`) so the Triton kernels of kernels/ drop in behind `kernels="triton"`.
@@ -25,6 +27,8 @@ class ModelConfig:
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    qkv_bias: bool = False          # biases on the q/k/v projections (Qwen2); o_proj and the MLP never have one
+    tie_embeddings: bool = True     # output layer = input embedding; False gives a separate lm_head (untied)
     kernels: str = "torch"  # "torch" or "triton"; not part of the weights, chosen per run
 
 
@@ -110,9 +114,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
         self.head_dim = cfg.d_model // cfg.n_head
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, kernels, cache=None):
@@ -161,6 +165,8 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -172,10 +178,24 @@ class GPT(nn.Module):
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
 
     @property
-    def lm_head_weight(self):  # tied embeddings
-        return self.embed.weight
+    def lm_head_weight(self):
+        return self.embed.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
+    @classmethod
+    def from_state_dict(cls, cfg, state):
+        """The model holding `state`'s tensors themselves (no random init, no copy, their dtype kept):
+        built on the meta device, then the tensors assigned. Raises RuntimeError when they do not fit."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(state, assign=True)
+        device = model.embed.weight.device
+        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+        return model
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -235,20 +235,60 @@ def plain_document(ex):
     return plain_prompt(ex["question"]) + ex["answer"]
 
 
+def chat_messages(question):
+    """A question (str) as a one-turn conversation; a list of {role, content} messages passes through."""
+    return question if isinstance(question, list) else [{"role": "user", "content": question}]
+
+
 def chat_prompt_ids(tok, question):
-    """<|bos|><|user|>question<|end|><|assistant|>: what a chat model continues from."""
+    """What a chat model continues from. With the model's chat template (an imported model): the
+    template's rendering with the generation prompt, ids equal to transformers'
+    `apply_chat_template(messages, add_generation_prompt=True)` (a system turn included where the template
+    adds one). Without one (nanoforge's own tokenizer): <|bos|><|user|>question<|end|><|assistant|>.
+    `question` may also be a list of messages."""
+    if tok.chat_template is not None:
+        return tok.apply_chat_template(chat_messages(question), add_generation_prompt=True)
+    if isinstance(question, list):
+        if len(question) != 1 or question[0].get("role") != "user":
+            raise ValueError("nanoforge's own chat format has one user turn; got "
+                             f"{[m.get('role') for m in question]}")
+        question = question[0]["content"]
     return [tok.bos_id, tok.user_id] + tok.encode(question) + [tok.end_id, tok.assistant_id]
 
 
 def chat_example_ids(tok, question, answer):
     """(ids, loss_mask): the whole conversation, with the mask on the assistant's tokens only
-    (its answer and closing <|end|>, so the model learns to stop)."""
-    prompt = chat_prompt_ids(tok, question)
-    reply = tok.encode(answer) + [tok.end_id]
-    return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+    (its answer and the end-of-turn token, so the model learns to stop).
+
+    With a chat template the ids are the template's rendering of the conversation (equal to
+    `apply_chat_template`), and the mask covers every token after the generation prompt, as TRL's
+    prompt-completion SFT does. Where the template rewrites the assistant turn so that the conversation
+    does not start with the prompt (DeepSeek-R1-Distill drops text before `</think>` and opens its
+    generation prompt with `<think>`), the example is the prompt, the answer and the end-of-turn token:
+    what the model would have to generate."""
+    if tok.chat_template is None:
+        prompt = chat_prompt_ids(tok, question)
+        reply = tok.encode(answer) + [tok.end_id]
+        return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+    msgs = chat_messages(question)
+    prompt_text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    full_text = tok.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False)
+    if not (full_text.startswith(prompt_text) and answer in full_text[len(prompt_text):]):
+        prompt = tok.encode(prompt_text, specials=True)
+        reply = tok.encode(answer) + [tok.end_id]
+        return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+    ids = tok.encode(full_text, specials=True)
+    # supervise the tokens that end past the prompt's bytes (a token straddling the boundary counts as reply)
+    prompt_bytes = len(tok.encode_text_bytes(prompt_text))
+    mask, end = [], 0
+    for i in ids:
+        end += len(tok.token_bytes(i))
+        mask.append(int(end > prompt_bytes))
+    return ids, mask
 
 
 def prompt_ids(tok, question, fmt):
+    """The prompt for `fmt`: "chat" (the chat format above) or "plain" (document boundary + plain_prompt)."""
     if fmt == "chat":
         return chat_prompt_ids(tok, question)
     return [tok.bos_id] + tok.encode(plain_prompt(question))
