@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import load_checkpoint, parse_config, save_checkpoint
+from common import atomic_write, load_checkpoint, parse_config, save_checkpoint
 from model import GPT, ModelConfig
 from tokenizer import tokenizer_from_hf, tokenizer_to_hf
 
@@ -278,29 +278,24 @@ def export_hf(cfg):
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(cfg.out_dir, name), metadata={"format": "pt"})
+        path = os.path.join(cfg.out_dir, name)
+        save_file(shard, path + ".tmp", metadata={"format": "pt"})
+        os.replace(path + ".tmp", path)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        write_json(os.path.join(cfg.out_dir, "model.safetensors.index.json"), index)
+        atomic_write(os.path.join(cfg.out_dir, "model.safetensors.index.json"), index)
     hf = hf_config_from_model(model.cfg, tok, dtype, meta.get("hf_config"))
-    write_json(os.path.join(cfg.out_dir, "config.json"), hf)
+    atomic_write(os.path.join(cfg.out_dir, "config.json"), hf)
     tokenizer_json, tokenizer_config = tokenizer_to_hf(tok)
-    write_json(os.path.join(cfg.out_dir, "tokenizer.json"), tokenizer_json)
-    write_json(os.path.join(cfg.out_dir, "tokenizer_config.json"), tokenizer_config)
+    atomic_write(os.path.join(cfg.out_dir, "tokenizer.json"), tokenizer_json)
+    atomic_write(os.path.join(cfg.out_dir, "tokenizer_config.json"), tokenizer_config)
     gen = {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_ids if len(tok.stop_ids) > 1 else tok.end_id,
            "pad_token_id": tok.special.get(tokenizer_config.get("pad_token"))}
-    write_json(os.path.join(cfg.out_dir, "generation_config.json"), {k: v for k, v in gen.items() if v is not None})
+    atomic_write(os.path.join(cfg.out_dir, "generation_config.json"), {k: v for k, v in gen.items() if v is not None})
     print(f"exported {meta['stage']} checkpoint {ckpt} as {hf['architectures'][0]} ({str(dtype).replace('torch.', '')},"
           f" {len(shards)} shard{'s' if len(shards) > 1 else ''}) -> {cfg.out_dir}")
     return cfg.out_dir
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
