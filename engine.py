@@ -91,7 +91,8 @@ class KVCache:
         self.static = static        # attend over all S slots, write at the tensor position `cur` (graph-safe)
         self.cur = torch.zeros(1, dtype=torch.long, device=device)
         self.step_bias = None       # static mode: this step's bias, shared by the layers
-        self.prefill_mask = None    # prefill: (B, 1, T, T) causal-among-real-tokens mask, set by the engine
+        self.prefilling = False     # set by the engine around the prefill forward
+        self.prefill_mask = None    # prefill with padding: (B, 1, T, T) causal-among-real-tokens mask
 
     def __getitem__(self, layer):
         return _LayerCache(self, layer)
@@ -113,8 +114,10 @@ class _LayerCache:
     def attend(self, q, k, v):
         c, T = self.c, q.size(2)
         kc, vc = c.k[self.i], c.v[self.i]
-        if c.prefill_mask is not None:  # prefill: slots 0..T-1, causal among each row's real tokens
+        if c.prefilling:  # prefill: slots 0..T-1, causal among each row's real tokens
             kc[:, :, :T], vc[:, :, :T] = k, v
+            if c.prefill_mask is None:  # no padding: the plain causal kernel (no mask tensor at all)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
             return F.scaled_dot_product_attention(q, k, v, attn_mask=c.prefill_mask, enable_gqa=q.size(1) != k.size(1))
         if c.static:
             kc.index_copy_(2, c.cur, k)
@@ -214,10 +217,12 @@ class Engine:
         t_slots = torch.arange(P, device=device)
         real = t_slots[None, :] >= pad[:, None]  # (U, P)
         mask = real[:, None, None, :] & (t_slots[None, None, :, None] >= t_slots[None, None, None, :])
-        cache.prefill_mask = mask | ~real[:, None, :, None]  # padded queries attend to all: no NaN, never read
+        if int(pad.max()) > 0:  # padded queries attend to all: no NaN, never read
+            cache.prefill_mask = mask | ~real[:, None, :, None]
         positions = (t_slots[None, :] - pad[:, None]).clamp(min=0)
+        cache.prefilling = True
         h = model.hidden_states(idx, positions, cache)[:, -1]
-        cache.prefill_mask = None
+        cache.prefilling, cache.prefill_mask = False, None
         cache.len = P
         # ... and copy each prompt's cache to its samples' rows
         expand = torch.repeat_interleave(torch.arange(U, device=device), torch.tensor(counts, device=device))
