@@ -431,10 +431,8 @@ class _TreeAttention:
 
 
 def _tree_hidden_states(model, idx, pos, mask):
-    try:  # model.py before the sampling engine: hidden_states takes the attention mask itself
-        return model.hidden_states(idx, pos, None, mask)
-    except TypeError:  # with engine.py, Attention attends through the cache object it is given
-        return model.hidden_states(idx, pos, _TreeAttention(mask))
+    # model.Attention attends through the cache object it is given (engine.py's KVCache in generation)
+    return model.hidden_states(idx, pos, _TreeAttention(mask))
 
 
 @torch.no_grad()
@@ -607,14 +605,7 @@ def generate_texts(model, prompts, stop_ids, max_new_tokens, temperature, batch_
 
 
 def _sample(model, prompts, n, stop_ids, max_new_tokens, temperature, gen):
-    try:
-        from engine import Engine  # THE sampling engine (issue 12): n samples share their prompt's prefill
-    except ImportError:  # model.py's generate before the engine
-        from model import generate
-        rep = [p for p in prompts for _ in range(n)]
-        res = generate(model, rep, max_new_tokens, stop_id=stop_ids[0] if stop_ids else None,
-                       temperature=temperature, generator=gen)
-        return [res[i * n:(i + 1) * n] for i in range(len(prompts))]
+    from engine import Engine  # THE sampling engine: n samples share their prompt's prefill
     out = Engine(model, max_batch=len(prompts) * n).generate(prompts, n=n, max_new_tokens=max_new_tokens,
                                                               stop_tokens=stop_ids, temperature=temperature,
                                                               generator=gen)
