@@ -6,33 +6,36 @@ The real-data path, up to token shards: download -> quality gates -> (dedup.py) 
     python dedup.py --inputs=out/gated                                         # -> out/dedup/<source>/
     python data.py tokenize --inputs=out/dedup --tokenizer=train               # -> out/data/ (shards)
 
-Every stage streams: documents are read one record (or one parquet batch) at a time and written as
-they go, so memory does not grow with the corpus. Inputs can be parquet, JSONL (optionally .gz) or
-plain text, local or downloaded; an input directory with sub-directories is one source per
-sub-directory, otherwise one source named after the directory (a file: named after the file).
+Each command has its own config dataclass (DownloadConfig, GateConfig, TokenizeConfig), parsed by
+common.parse_config; `python data.py gate --help` lists its keys.
 
-Token shards, the format pretrain.py reads. A shard directory holds
-    meta.json            {"tokenizer": fingerprint, "dtype": "uint16"|"uint32", "vocab_size", "bos_id",
-                          "shards": {"train": [...], "val": [...]}, "tokens": {"train": n, "val": n}}
-    tokenizer.json       the tokenizer itself (tokenizer.py)
-    train_000000.bin ... flat arrays of token ids, each document preceded by <|bos|>
-pretrain.py memory-maps the .bin files and samples random windows from them, so a corpus of any
-size costs no RAM.
+What each step reads and writes:
+    download   the Hub -> out_dir/<source>/<files as in the repo> + source.json (text column, gates on/off)
+    gate       --inputs (parquet / .jsonl[.gz] / .txt) -> out_dir/<source>/part_*.jsonl, out_dir/gate_stats.json
+    tokenize   --inputs -> out_dir/meta.json, tokenizer.json, train_*.bin, val_*.bin (format: shards.py)
+
+--inputs is a comma-separated list of files and folders; `name=path` names the source that path is
+(a folder with sub-folders is one source per sub-folder, a folder of files one source named after
+it, a file one source named after the file). Every stage streams: documents are read one record (or
+one parquet batch) at a time and written as they go, so memory does not grow with the corpus.
+A truncated .jsonl.gz / .parquet or a JSONL file that is not UTF-8 stops the step with one line
+naming the file; a malformed JSON line or an empty document is counted and skipped.
 """
-import dataclasses
 import fnmatch
 import gzip
 import json
 import os
-import string
+import re
 import sys
 import time
+import unicodedata
+import zlib
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import numpy as np
 
-SHARD_TOKENS = 100_000_000  # tokens per .bin file (200 MB as uint16)
+from shards import SHARD_TOKENS, ShardWriter, _write_json
 
 # -----------------------------------------------------------------------------
 # Sources that can be downloaded by name from the Hugging Face Hub. Each is a dataset repo, a glob
@@ -56,13 +59,16 @@ EXTRA_FIELDS = ("id", "url", "score", "int_score")  # carried from the raw recor
 
 
 @dataclass
-class DataConfig:
-    # download
+class DownloadConfig:
     sources: str = "fineweb_edu"  # names in SOURCES / MIXTURES, comma-separated
     max_shards: int = 1           # files per source to download (sorted by name; 0 = all)
-    # io
-    inputs: str = ""              # comma-separated files/dirs; default: the previous stage's out_dir
-    out_dir: str = ""             # default: out/raw, out/gated, out/data for download, gate, tokenize
+    out_dir: str = "out/raw"      # files land in out_dir/<source>/
+
+
+@dataclass
+class GateConfig:
+    inputs: str = "out/raw"       # comma-separated files/dirs; name=path names a source (see expand_inputs)
+    out_dir: str = "out/gated"    # -> out_dir/<source>/part_*.jsonl + gate_stats.json
     text_field: str = "text"      # column / JSON key holding the document ("content" is tried too)
     text_sep: str = "<|endoftext|>"  # document separator inside plain-text files
     max_doc_chars: int = 100_000  # plain-text files without separators are cut into pieces this big
@@ -76,57 +82,35 @@ class DataConfig:
     min_mean_word_len: float = 3.0
     max_mean_word_len: float = 10.0
     gate_symbols: bool = True
-    max_symbol_ratio: float = 0.1    # ('#' + '...' + '…') per word
+    max_symbol_ratio: float = 0.1    # '#' per word, and ('...' + '…') per word
     gate_line_punct: bool = True
-    min_line_punct: float = 0.12     # fraction of lines ending in terminal punctuation (FineWeb)
+    min_line_punct: float = 0.12     # fraction of lines ending in . ' " ! ? must exceed this (FineWeb)
     gate_dup_lines: bool = True
-    max_dup_line_frac: float = 0.30  # lines that repeat an earlier line
-    max_dup_line_char_frac: float = 0.20
+    max_dup_line_frac: float = 0.30  # lines (and paragraphs) that repeat an earlier one
+    max_dup_line_char_frac: float = 0.20  # their characters / the text's
     gate_dup_ngrams: bool = True     # top 2/3/4-gram and duplicated 5..10-gram char fractions
-    # tokenize
+    batch_docs: int = 1024        # documents per worker task
+    workers: int = 0              # 0 = all cores
+
+
+@dataclass
+class TokenizeConfig:
+    inputs: str = "out/dedup"     # comma-separated files/dirs; name=path names a source
+    out_dir: str = "out/data"     # -> meta.json, tokenizer.json, train_*.bin, val_*.bin (shards.py)
+    text_field: str = "text"
+    text_sep: str = "<|endoftext|>"
+    max_doc_chars: int = 100_000
     tokenizer: str = "train"      # path to a tokenizer.json | "gpt2" | "train" (rustbpe on the inputs)
-    vocab_size: int = 32768       # for --tokenizer=train (counts the 4 special tokens)
+    vocab_size: int = 32768       # for --tokenizer=train (counts the 4 special tokens); a small corpus may learn fewer
     tokenizer_train_chars: int = 200_000_000  # how much of the corpus trains the tokenizer
-    val_every: int = 200          # every N-th document (starting with the first) goes to val
+    val_every: int = 200          # every N-th document (starting with the first) goes to val ...
+    val_min_docs: int = 100       # ... but more often on a small corpus, so that val has this many (at most 10%)
     shard_tokens: int = SHARD_TOKENS
     batch_docs: int = 1024        # documents per encode_batch call
     workers: int = 0              # 0 = all cores
 
 
-# -----------------------------------------------------------------------------
-# A tiny --key=value parser over a config dataclass (one per script).
-
-def parse_cli(cfg_cls, argv):
-    """Returns (positional args, cfg). Values are coerced to the field's type; an unknown key is an error."""
-    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
-    cfg, positional = cfg_cls(), []
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(f"usage: --key=value, keys of {cfg_cls.__name__} and their defaults:")
-            for f in fields.values():
-                print(f"  --{f.name}={getattr(cfg, f.name)!r}")
-            raise SystemExit(0)
-        if not arg.startswith("--"):
-            positional.append(arg)
-            continue
-        key, eq, val = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key not in fields:
-            raise SystemExit(f"error: unknown option --{key}. Known: {', '.join('--' + k for k in fields)}")
-        typ = type(getattr(cfg, key))
-        if typ is bool:
-            if not eq:
-                val = "true"
-            if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise SystemExit(f"error: --{key} takes true/false, not {val!r}")
-            value = val.lower() in ("1", "true", "yes")
-        else:
-            try:
-                value = typ(val)
-            except ValueError:
-                raise SystemExit(f"error: --{key} takes a {typ.__name__}, not {val!r}")
-        setattr(cfg, key, value)
-    return positional, cfg
+COMMANDS = {"download": DownloadConfig, "gate": GateConfig, "tokenize": TokenizeConfig}
 
 
 def num_workers(n):
@@ -286,45 +270,61 @@ def read_documents(path, text_field="text", counts=None, text_sep="<|endoftext|>
         yield rec
 
 
+def _damaged(path, e):
+    return SystemExit(f"error: {path} is truncated or damaged ({type(e).__name__}: {e}); an interrupted "
+                      f"download? Delete it and download it again (`python data.py download` fetches only "
+                      f"missing files), or leave it out of --inputs.")
+
+
 def _read_jsonl(path, text_field, counts):
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:  # bytes: json.loads decodes UTF-8 itself, faster than a text file
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:  # bad JSON or bad UTF-8
-                counts["malformed"] += 1
-                continue
-            text = None
-            if isinstance(rec, dict):
-                text = rec.get(text_field, rec.get("text", rec.get("content")))
-            if not isinstance(text, str):
-                counts["malformed"] += 1
-                continue
-            out = {"text": text}
-            out.update((k, rec[k]) for k in EXTRA_FIELDS if k in rec)
-            yield out
+    try:
+        with opener(path, "rb") as f:  # bytes: json.loads decodes UTF-8 itself, faster than a text file
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except UnicodeDecodeError:
+                    raise SystemExit(f"error: {path} line {line_no} is not UTF-8 text. Convert the file to "
+                                     f"UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or leave it out of --inputs.")
+                except ValueError:  # bad JSON
+                    counts["malformed"] += 1
+                    continue
+                text = None
+                if isinstance(rec, dict):
+                    text = rec.get(text_field, rec.get("text", rec.get("content")))
+                if not isinstance(text, str):
+                    counts["malformed"] += 1
+                    continue
+                out = {"text": text}
+                out.update((k, rec[k]) for k in EXTRA_FIELDS if k in rec)
+                yield out
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise _damaged(path, e)
 
 
 def _read_parquet(path, text_field, counts):
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
-    col = next((c for c in (text_field, "text", "content") if c in names), None)
-    if col is None:
-        raise SystemExit(f"error: {path} has no text column {text_field!r} (columns: {names}); pass --text_field=")
-    extra = [c for c in EXTRA_FIELDS if c in names]
-    for batch in pf.iter_batches(batch_size=1024, columns=[col] + extra):  # one row batch in memory at a time
-        cols = {c: batch.column(c).to_pylist() for c in [col] + extra}
-        for i, text in enumerate(cols[col]):
-            if text is None:
-                counts["malformed"] += 1
-                continue
-            rec = {"text": text}
-            rec.update((c, cols[c][i]) for c in extra)
-            yield rec
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        col = next((c for c in (text_field, "text", "content") if c in names), None)
+        if col is None:
+            raise SystemExit(f"error: {path} has no text column {text_field!r} (columns: {names}); pass --text_field=")
+        extra = [c for c in EXTRA_FIELDS if c in names]
+        for batch in pf.iter_batches(batch_size=1024, columns=[col] + extra):  # one row batch in memory at a time
+            cols = {c: batch.column(c).to_pylist() for c in [col] + extra}
+            for i, text in enumerate(cols[col]):
+                if text is None:
+                    counts["malformed"] += 1
+                    continue
+                rec = {"text": text}
+                rec.update((c, cols[c][i]) for c in extra)
+                yield rec
+    except (pa.ArrowException, OSError) as e:
+        raise _damaged(path, e)
 
 
 def _read_text(path, sep, max_doc_chars):
@@ -387,25 +387,59 @@ class JsonlWriter:
 
 
 # -----------------------------------------------------------------------------
-# Text primitives shared with dedup.py: normalized words, their 64-bit hashes, and n-gram hashes.
-# Normalized words: lowercased UTF-8, ASCII punctuation and control bytes turned into spaces, split.
+# Words: the one definition shared by the gates, dedup.py's shingles and its decontamination.
+# Typographic quotes, dashes, ellipses and spaces are mapped to their ASCII forms and the text is
+# NFKC-normalised (full-width letters, ligatures); then a word is a maximal run of Unicode letters and
+# digits (str.isalnum), everything else separates words. ASCII text (most of it) takes a bytes.translate
+# fast path that gives the same words. Combining marks (Mn/Mc, e.g. Devanagari vowel signs) count as
+# separators, as in Python's \w; consistent on both sides of every comparison.
 
-_SEPARATORS = bytes(range(33)) + string.punctuation.encode()
-_NORMALIZE = bytes.maketrans(_SEPARATORS, b" " * len(_SEPARATORS))
+_TYPOGRAPHIC = str.maketrans({
+    **dict.fromkeys("\u2018\u2019\u201a\u201b\u2032\u02bc\u00b4\u0060", "'"),   # single quotes, prime, acute
+    **dict.fromkeys("\u201c\u201d\u201e\u201f\u2033\u00ab\u00bb\u2039\u203a", '"'),
+    **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\u2043", "-"),  # hyphens, dashes, minus
+    "\u2026": "...",
+    **dict.fromkeys("\u00a0\u2002\u2003\u2009\u200a\u202f\u205f\u3000", " "),
+    **dict.fromkeys("\u200b\u200c\u200d\u2060\ufeff\u00ad", ""),            # zero-width, soft hyphen
+})
+_ASCII_NON_WORD = bytes(c for c in range(128) if not chr(c).isalnum())
+_TO_SPACE = bytes.maketrans(_ASCII_NON_WORD, b" " * len(_ASCII_NON_WORD))
+_NON_WORD = re.compile(r"[\W_]+")
 _NGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial combine is a bijection per position
-_BYTE_MULT = 0x100000001B3                     # odd, so invertible mod 2^64
-_powers_cache = [np.ones(1, np.uint64), np.ones(1, np.uint64)]
+
+
+def normalize_text(text):
+    """Typographic characters as ASCII (curly quotes, dashes, ellipsis, odd spaces), then NFKC."""
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFKC", text.translate(_TYPOGRAPHIC))
+
+
+def word_bytes(text, lower=True):
+    """The text as UTF-8 bytes in which every non-word character is a space: .split() gives the words."""
+    if not text.isascii():
+        text = normalize_text(text)
+        text = _NON_WORD.sub(" ", text.lower() if lower else text)
+    elif lower:
+        text = text.lower()
+    return text.encode("utf-8", "replace").translate(_TO_SPACE)
+
+
+def split_words(text):
+    """The words of a text, case kept (the gates' words)."""
+    return word_bytes(text, lower=False).decode("utf-8", "replace").split()
 
 
 def normalize_words(text):
-    """The normalized words of a text, as bytes."""
-    return text.lower().encode("utf-8", "replace").translate(_NORMALIZE).split()
+    """The lowercased words of a text, as bytes (dedup's and decontamination's words)."""
+    return word_bytes(text).split()
 
 
 def hash_words(words):
-    """xxhash64 of each word of a list (bytes): for one document at a time, as the gates need."""
+    """xxhash64 of each word of a list (str or bytes): for one document at a time, as the gates need."""
     import xxhash
-    return np.fromiter(map(xxhash.xxh64_intdigest, words), dtype=np.uint64, count=len(words))
+    return np.fromiter((xxhash.xxh64_intdigest(w.encode() if isinstance(w, str) else w) for w in words),
+                       dtype=np.uint64, count=len(words))
 
 
 def mix64(h):
@@ -416,36 +450,6 @@ def mix64(h):
     h *= np.uint64(0x94D049BB133111EB)
     h ^= h >> np.uint64(31)
     return h
-
-
-def _byte_powers(n):
-    """M^i and M^-i mod 2^64 for i < n (cached, grown by doubling)."""
-    pw, ipw = _powers_cache
-    if len(pw) < n:
-        m = max(n, 2 * len(pw))
-        pw = np.cumprod(np.full(m, _BYTE_MULT, dtype=np.uint64))
-        ipw = np.cumprod(np.full(m, pow(_BYTE_MULT, -1, 2**64), dtype=np.uint64))
-        pw, ipw = np.concatenate([[np.uint64(1)], pw[:-1]]), np.concatenate([[np.uint64(1)], ipw[:-1]])
-        _powers_cache[:] = [pw, ipw]
-    return pw[:n], ipw[:n]
-
-
-def batch_word_hashes(texts):
-    """64-bit hashes of the normalized words of many texts, with no Python loop over words: the texts
-    are joined into one byte array; a word's hash is the polynomial sum(byte_i * M^i) read off
-    prefix sums (mod 2^64) and shifted back by M^-start, then mixed. Returns (hashes, counts), the
-    hashes of text k being hashes[sum(counts[:k]) : sum(counts[:k+1])]."""
-    joined = b"\0".join([t.lower().encode("utf-8", "replace").translate(_NORMALIZE) for t in texts]) + b"\0"
-    arr = np.frombuffer(joined, dtype=np.uint8)
-    edge = np.diff((arr > 32).view(np.int8), prepend=np.int8(0))  # +1 where a word starts, -1 after it ends
-    starts, ends = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
-    pw, ipw = _byte_powers(len(arr))
-    with np.errstate(over="ignore"):
-        prefix = np.zeros(len(arr) + 1, dtype=np.uint64)
-        np.cumsum(arr * pw, out=prefix[1:])
-        h = (prefix[ends] - prefix[starts]) * ipw[starts] + (ends - starts).astype(np.uint64)
-    doc_of_word = np.searchsorted(np.flatnonzero(arr == 0), starts)  # the \0 after each text ends it
-    return mix64(h), np.bincount(doc_of_word, minlength=len(texts))
 
 
 def ngram_hashes(word_hashes, n):
@@ -461,53 +465,31 @@ def ngram_hashes(word_hashes, n):
         return mix64(h)
 
 
-def batch_ngram_hashes(word_hashes, word_counts, n, short_docs_as_one=False):
-    """N-gram hashes of many documents at once (their word hashes concatenated, word_counts words
-    each). Returns (hashes, counts) like batch_word_hashes. With short_docs_as_one, a document of
-    fewer than n words gets one hash of all its words, so that it still has a MinHash signature."""
-    lens = np.asarray(word_counts, dtype=np.int64)
-    counts = np.maximum(lens - n + 1, 0)
-    short = counts == 0
-    if short_docs_as_one:
-        counts[short] = 1
-    h = ngram_hashes(word_hashes, n)
-    # keep the windows that start at least n-1 words before their document's end
-    doc_start = np.repeat(np.cumsum(lens) - lens, lens)[:len(h)]
-    valid = np.arange(len(h)) - doc_start <= np.repeat(lens - n, lens)[:len(h)]
-    out = np.empty(int(counts.sum()), dtype=np.uint64)
-    out[np.repeat(~short, counts)] = h[valid]
-    if short_docs_as_one and short.any():
-        first_word, first_out = np.cumsum(lens) - lens, np.cumsum(counts) - counts
-        for i in np.flatnonzero(short):
-            acc = np.uint64(lens[i])  # the document with no words hashes to a constant of its own
-            with np.errstate(over="ignore"):
-                for w in word_hashes[first_word[i]:first_word[i] + lens[i]]:
-                    acc = acc * _NGRAM_MULT + w
-            out[first_out[i]] = mix64(np.array([acc], dtype=np.uint64))[0]
-    return out, counts
-
-
 # -----------------------------------------------------------------------------
-# Quality gates. Each takes a Doc (the text split once into lines and words) and the config, and
-# returns True to keep. Thresholds are Gopher's (and FineWeb's for line punctuation).
+# Quality gates. Each takes a Doc and the config and returns True to keep. The statistics are those of
+# Gopher (Rae et al. 2021, sec. A.1.1 and table A1) as datatrove implements them
+# (GopherQualityFilter, GopherRepetitionFilter), and FineWeb's line-punctuation rule (FineWebQualityFilter).
+# One deviation everywhere: a word is a run of letters/digits (split_words), where datatrove runs a
+# word tokenizer and then drops punctuation-only tokens for the word count and mean length; so
+# "don't" is two words here ("don", "t") and ("do", "n't") there. The text is typographically
+# normalised first (curly quotes, dashes, "…" -> "..."), as for dedup.
 
-TERMINAL_PUNCT = (".", "!", "?", '"', "'", "…", ":", ";", ")")
+LINE_END_PUNCT = (".", "'", '"', "!", "?")  # FineWeb's stop_chars
 
 
 class Doc:
     def __init__(self, text):
-        self.text = text
-        self.words = text.split()
-        self.lines = [l.strip() for l in text.split("\n") if l.strip()]
+        self.text = normalize_text(text)
+        self.words = split_words(self.text)
 
 
 def gate_length(doc, cfg):
-    """Too short to be a document (menus, captions) or too long to be prose (dumps, logs)."""
+    """Gopher: between 50 and 100,000 words. Menus and captions; dumps and logs."""
     return cfg.min_words <= len(doc.words) <= cfg.max_words
 
 
 def gate_word_length(doc, cfg):
-    """Mean word length outside [3, 10]: lists of codes, hashes, or run-together text."""
+    """Gopher: mean word length (characters) within [3, 10]. Lists of codes, hashes, run-together text."""
     if not doc.words:
         return False
     mean = sum(map(len, doc.words)) / len(doc.words)
@@ -515,80 +497,90 @@ def gate_word_length(doc, cfg):
 
 
 def gate_symbols(doc, cfg):
-    """Hashtag walls and truncated snippets ('...'), per word."""
-    n_sym = doc.text.count("#") + doc.text.count("...") + doc.text.count("…")
-    return n_sym / max(len(doc.words), 1) <= cfg.max_symbol_ratio
+    """Gopher: at most 0.1 '#' per word, and at most 0.1 ellipses ('...' or '…') per word, each on its
+    own. (datatrove divides by all tokens, punctuation included; Gopher says words, as here.)"""
+    n = max(len(doc.words), 1)
+    return (doc.text.count("#") / n <= cfg.max_symbol_ratio
+            and (doc.text.count("...") + doc.text.count("…")) / n <= cfg.max_symbol_ratio)
 
 
 def gate_line_punct(doc, cfg):
-    """Pages whose lines mostly do not end a sentence are navigation, lists, or tables (FineWeb)."""
-    if not doc.lines:
-        return False
-    ends = sum(l.endswith(TERMINAL_PUNCT) for l in doc.lines)
-    return ends / len(doc.lines) >= cfg.min_line_punct
+    """FineWeb: drop when the fraction of lines (split on "\\n", empty ones included) that end in
+    . ' " ! ? is at most 0.12. Navigation, lists, tables."""
+    lines = doc.text.split("\n")
+    return sum(l.endswith(LINE_END_PUNCT) for l in lines) / len(lines) > cfg.min_line_punct
+
+
+def duplicate_fractions(parts, text_len):
+    """Gopher's duplicate line / paragraph statistics: (elements that repeat an earlier element) / all
+    elements, and the characters of those repeats / all characters of the text. The first occurrence
+    is not counted."""
+    seen, dup, dup_chars = set(), 0, 0
+    for p in parts:
+        if p in seen:
+            dup += 1
+            dup_chars += len(p)
+        else:
+            seen.add(p)
+    return dup / max(len(parts), 1), dup_chars / max(text_len, 1)
 
 
 def gate_dup_lines(doc, cfg):
-    """Lines repeated inside one document: templated pages, spam."""
-    seen, dup, dup_chars = set(), 0, 0
-    for l in doc.lines:
-        if l in seen:
-            dup += 1
-            dup_chars += len(l)
-        seen.add(l)
-    total_chars = sum(map(len, doc.lines)) or 1
-    return (dup / max(len(doc.lines), 1) <= cfg.max_dup_line_frac
-            and dup_chars / total_chars <= cfg.max_dup_line_char_frac)
+    """Gopher: duplicate paragraphs (split on 2+ newlines) <= 30% of paragraphs and <= 20% of the
+    characters; duplicate lines (split on newlines) likewise. Templated pages, spam."""
+    paras = re.split(r"\n{2,}", doc.text.strip())
+    frac, char_frac = duplicate_fractions(paras, len(doc.text))
+    if frac > cfg.max_dup_line_frac or char_frac > cfg.max_dup_line_char_frac:
+        return False
+    frac, char_frac = duplicate_fractions(re.split(r"\n+", doc.text), len(doc.text))
+    return frac <= cfg.max_dup_line_frac and char_frac <= cfg.max_dup_line_char_frac
 
 
-# Gopher's n-gram repetition thresholds: the most frequent n-gram (n=2..4) may cover at most this
-# fraction of the characters; words inside any repeated n-gram (n=5..10) likewise.
+# Gopher's n-gram repetition thresholds (table A1)
 TOP_NGRAM_MAX = {2: 0.20, 3: 0.18, 4: 0.16}
 DUP_NGRAM_MAX = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
 
 
+def top_ngram_char_frac(words, n, text_len, wh=None):
+    """Characters of the most frequent n-gram (its words joined by spaces) times its count, over the
+    text's characters (datatrove's find_top_duplicate; ties go to the n-gram seen first)."""
+    wh = hash_words(words) if wh is None else wh
+    h = ngram_hashes(wh, n)
+    if len(h) == 0:
+        return 0.0
+    vals, first, counts = np.unique(h, return_index=True, return_counts=True)
+    top = counts.max()
+    i = int(first[counts == top].min())
+    return (sum(len(w) for w in words[i:i + n]) + n - 1) * int(top) / max(text_len, 1)
+
+
+def dup_ngram_char_frac(words, n, text_len, wh=None):
+    """Characters (spaces not counted) of the n-grams that repeat an earlier one, over the text's
+    characters: datatrove's find_all_duplicate, a left-to-right scan that jumps past a repeat so
+    overlapping repeats are not counted twice; the first occurrence is not counted."""
+    wh = hash_words(words) if wh is None else wh
+    h = ngram_hashes(wh, n)
+    if len(h) < 2 or len(np.unique(h)) == len(h):
+        return 0.0
+    seen, repeated, i, h = set(), 0, 0, h.tolist()
+    while i < len(h):
+        if h[i] in seen:
+            repeated += sum(len(w) for w in words[i:i + n])
+            i += n
+        else:
+            seen.add(h[i])
+            i += 1
+    return repeated / max(text_len, 1)
+
+
 def gate_dup_ngrams(doc, cfg):
-    """Repetition inside one document (Gopher): the top 2/3/4-gram covers too many characters, or too
-    many characters sit inside 5..10-grams that occur more than once. Boilerplate, spam, lists."""
-    words = [w.encode() for w in doc.words]
-    if len(words) < 2:
+    """Gopher: the top 2/3/4-gram covers at most 20/18/16% of the characters, and repeated 5..10-grams
+    at most 15..10%. Boilerplate, spam, lists."""
+    if len(doc.words) < 2:
         return True
-    wh = hash_words(words)
-    wlen = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    cum = np.concatenate([[0], np.cumsum(wlen)])
-    total = cum[-1] or 1
-    for n, limit in TOP_NGRAM_MAX.items():
-        h = ngram_hashes(wh, n)
-        if len(h) < 2:
-            continue
-        s = np.sort(h)
-        run_start = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))
-        runs = np.diff(np.append(run_start, len(s)))
-        k = runs.argmax()
-        if runs[k] > 1:
-            first = int(np.argmax(h == s[run_start[k]]))
-            if runs[k] * (cum[first + n] - cum[first]) / total > limit:
-                return False
-    # a repeated (n+1)-gram contains a repeated n-gram, so the covered characters shrink as n grows:
-    # once they are under the smallest limit, the larger n cannot fail
-    for n, limit in DUP_NGRAM_MAX.items():
-        h = ngram_hashes(wh, n)
-        if len(h) < 2:
-            break
-        s = np.sort(h)
-        dup_vals = s[1:][s[1:] == s[:-1]]
-        if len(dup_vals) == 0:
-            break
-        starts = np.flatnonzero(np.isin(h, dup_vals))
-        covered = np.zeros(len(words) + 1, dtype=np.int64)  # +1 at a start, -1 past its end
-        np.add.at(covered, starts, 1)
-        np.add.at(covered, starts + n, -1)
-        frac = wlen[np.cumsum(covered)[:-1] > 0].sum() / total
-        if frac > limit:
-            return False
-        if frac <= min(DUP_NGRAM_MAX.values()):
-            break
-    return True
+    wh, n_chars = hash_words(doc.words), len(doc.text)
+    return (all(top_ngram_char_frac(doc.words, n, n_chars, wh) <= lim for n, lim in TOP_NGRAM_MAX.items())
+            and all(dup_ngram_char_frac(doc.words, n, n_chars, wh) <= lim for n, lim in DUP_NGRAM_MAX.items()))
 
 
 GATES = [  # (name, function, config flag); applied in this order, the first failure counts
@@ -623,8 +615,7 @@ def gate_corpus(cfg):
     """Stream every input source through the gates into out_dir/<source>/part_*.jsonl, on all cores."""
     from multiprocessing import Pool
     from tqdm import tqdm
-    inputs = cfg.inputs or "out/raw"
-    out_dir = cfg.out_dir or "out/gated"
+    inputs, out_dir = cfg.inputs, cfg.out_dir
     stats = {}
     with Pool(num_workers(cfg.workers)) as pool:
         for source, files in expand_inputs(inputs):
@@ -671,160 +662,68 @@ def gate_corpus(cfg):
     return stats
 
 
-def _write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------
-# Token shards.
-
-def token_dtype(vocab_size):
-    return np.uint16 if vocab_size < 2**16 else np.uint32
-
-
-class ShardWriter:
-    """Appends documents (bos + ids) to {split}_NNNNNN.bin files of about shard_tokens tokens each.
-    A document is never split across files; each file appears atomically (temp + rename)."""
-
-    def __init__(self, tok, out_dir, split, shard_tokens=SHARD_TOKENS):
-        os.makedirs(out_dir, exist_ok=True)
-        _check_meta_tokenizer(out_dir, tok)  # before any file is overwritten
-        self.tok, self.out_dir, self.split, self.shard_tokens = tok, out_dir, split, shard_tokens
-        self.dtype = token_dtype(tok.vocab_size)
-        self.names, self.buf, self.n_buf, self.total = [], [], 0, 0
-
-    def add(self, ids):
-        arr = np.empty(len(ids) + 1, dtype=self.dtype)
-        arr[0] = self.tok.bos_id
-        arr[1:] = ids
-        self.buf.append(arr)
-        self.n_buf += len(arr)
-        self.total += len(arr)
-        if self.n_buf >= self.shard_tokens:
-            self.flush()
-
-    def flush(self):
-        if not self.n_buf:
-            return
-        name = f"{self.split}_{len(self.names):06d}.bin"
-        tmp = os.path.join(self.out_dir, name + ".tmp")
-        np.concatenate(self.buf).tofile(tmp)
-        os.replace(tmp, os.path.join(self.out_dir, name))
-        self.names.append(name)
-        self.buf, self.n_buf = [], 0
-
-    def close(self):
-        self.flush()
-        _update_meta(self.out_dir, self.tok, self.split, self.names, self.total)
-        return self.total
-
-
-def write_shards(token_lists, tok, out_dir, split, shard_tokens=SHARD_TOKENS):
-    """Write an iterable of token-id lists (one per document) as shards of `split`.
-    Returns the number of tokens written. Files appear atomically (temp + rename)."""
-    w = ShardWriter(tok, out_dir, split, shard_tokens)
-    for ids in token_lists:
-        w.add(ids)
-    return w.close()
-
-
-def _update_meta(out_dir, tok, split, names, total):
-    path = os.path.join(out_dir, "meta.json")
-    meta = _check_meta_tokenizer(out_dir, tok) or {"shards": {}, "tokens": {}}
-    meta.update(tokenizer=tok.fingerprint, tokenizer_name=tok.name, vocab_size=tok.vocab_size,
-                bos_id=tok.bos_id, dtype=np.dtype(token_dtype(tok.vocab_size)).name)
-    meta["shards"][split] = names
-    meta["tokens"][split] = int(total)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _check_meta_tokenizer(out_dir, tok):
-    path = os.path.join(out_dir, "meta.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("tokenizer") != tok.fingerprint:
-        raise SystemExit(f"error: {out_dir} already holds shards of tokenizer {meta.get('tokenizer')}; "
-                         f"this tokenizer is {tok.fingerprint}. Write to an empty directory.")
-    return meta
-
-
-def load_shards(data_dir, split, expect_tokenizer=None):
-    """Memory-map the shards of `split`; returns a list of 1-D numpy arrays (read-only)."""
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no token shards in {data_dir} (meta.json missing). "
-                         f"Make them first, e.g. `make data` or `python tasks.py --out_dir={data_dir}`.")
-    with open(path) as f:
-        meta = json.load(f)
-    if expect_tokenizer is not None and meta["tokenizer"] != expect_tokenizer:
-        raise SystemExit(f"error: shards in {data_dir} use tokenizer {meta['tokenizer']} but the model uses "
-                         f"{expect_tokenizer}. Re-tokenize the data with the model's tokenizer "
-                         f"(its tokenizer.json) or pretrain from scratch on these shards.")
-    names = meta["shards"].get(split, [])
-    if not names:
-        raise SystemExit(f"error: {data_dir} has no '{split}' shards")
-    return [np.memmap(os.path.join(data_dir, n), dtype=meta["dtype"], mode="r") for n in names]
-
-
-def sample_batch(shards, batch_size, seq_len, rng):
-    """Random (x, y) windows of seq_len+1 tokens, drawn across shards in proportion to their size.
-    `rng` is a numpy Generator so that a resumed run draws the same batches."""
-    n_starts = np.array([len(s) - seq_len for s in shards])  # windows of seq_len+1 tokens each shard holds
-    if n_starts.max() <= 0:
-        raise SystemExit(f"error: shards hold fewer than seq_len+1 = {seq_len + 1} tokens")
-    n_starts = np.clip(n_starts, 0, None)
-    which = rng.choice(len(shards), size=batch_size, p=n_starts / n_starts.sum())
-    starts = [rng.integers(0, n_starts[w]) for w in which]
-    rows = np.stack([np.asarray(shards[w][s:s + seq_len + 1], dtype=np.int64) for w, s in zip(which, starts)])
-    return rows[:, :-1], rows[:, 1:]
-
-
-def get_tokenizer(cfg, inputs, out_dir):
+def get_tokenizer(cfg, inputs):
+    """(tokenizer, number of documents when the training pass read the whole corpus, else None).
+    Nothing is written here: tokenizer.json is written with the shards' meta.json."""
     from tokenizer import gpt2_tokenizer, load_tokenizer, train_tokenizer
     if cfg.tokenizer == "gpt2":
-        return gpt2_tokenizer()
-    if cfg.tokenizer == "train":
-        def sample():
-            n = 0
-            for _, rec in iter_corpus(inputs, cfg.text_field):
-                yield rec["text"]
-                n += len(rec["text"])
-                if n >= cfg.tokenizer_train_chars:
-                    return
-        t0 = time.time()
-        tok = train_tokenizer(sample(), cfg.vocab_size)
-        os.makedirs(out_dir, exist_ok=True)
-        tok.save(os.path.join(out_dir, "tokenizer.json"))
-        print(f"trained tokenizer {tok.name} ({tok.fingerprint}) in {time.time() - t0:.0f}s")
-        return tok
-    return load_tokenizer(cfg.tokenizer)
+        return gpt2_tokenizer(), None
+    if cfg.tokenizer != "train":
+        return load_tokenizer(cfg.tokenizer), None
+    seen = {"docs": 0, "complete": True}
+
+    def sample():
+        n = 0
+        for _, rec in iter_corpus(inputs, cfg.text_field, text_sep=cfg.text_sep, max_doc_chars=cfg.max_doc_chars):
+            if n >= cfg.tokenizer_train_chars:
+                seen["complete"] = False
+                return
+            yield rec["text"]
+            seen["docs"] += 1
+            n += len(rec["text"])
+
+    t0 = time.time()
+    tok = train_tokenizer(sample(), cfg.vocab_size)
+    print(f"trained tokenizer {tok.name} ({tok.fingerprint}) in {time.time() - t0:.0f}s")
+    if tok.vocab_size < cfg.vocab_size:
+        print(f"warning: the corpus filled only {tok.vocab_size:,} of the {cfg.vocab_size:,} requested vocabulary "
+              f"entries (it has no more merges to learn); the tokenizer is {tok.name}. Pass a smaller "
+              f"--vocab_size or more text for a full one.")
+    return tok, (seen["docs"] if seen["complete"] else None)
+
+
+def val_period(cfg, inputs, n_docs=None):
+    """Every how many documents one goes to val: cfg.val_every, unless the corpus is too small for
+    val_min_docs validation documents that way; then as often as needed, but at most 1 in 10."""
+    limit = cfg.val_every * cfg.val_min_docs
+    if n_docs is None:  # count, stopping as soon as the corpus is known to be big enough
+        n_docs = 0
+        for _ in iter_corpus(inputs, cfg.text_field, text_sep=cfg.text_sep, max_doc_chars=cfg.max_doc_chars):
+            n_docs += 1
+            if n_docs >= limit:
+                break
+    if n_docs >= limit:
+        return cfg.val_every
+    return max(min(cfg.val_every, n_docs // max(cfg.val_min_docs, 1)), min(10, cfg.val_every), 1)
 
 
 def tokenize_corpus(cfg):
-    """Encode every document of the inputs with tiktoken on all cores into train/val shards."""
+    """Encode every document of the inputs with tiktoken on all cores into train/val shards. A shard
+    directory of another tokenizer is refused before anything is written."""
     from tqdm import tqdm
-    inputs = cfg.inputs or "out/dedup"
-    out_dir = cfg.out_dir or "out/data"
-    tok = get_tokenizer(cfg, inputs, out_dir)
+    inputs, out_dir = cfg.inputs, cfg.out_dir
+    expand_inputs(inputs)  # a missing input: one line, before a long tokenizer training
+    tok, n_docs = get_tokenizer(cfg, inputs)
+    writers = {s: ShardWriter(tok, out_dir, s, cfg.shard_tokens) for s in ("train", "val")}  # checks out_dir
+    every = val_period(cfg, inputs, n_docs)
     threads = num_workers(cfg.workers)
-    writers = {s: ShardWriter(tok, out_dir, s, cfg.shard_tokens) for s in ("train", "val")}
     counts, n_docs = {}, 0
     bar = tqdm(desc="tokenize", unit="doc", disable=None)
 
     def encode(batch):
         nonlocal n_docs
         for ids in tok.encode_batch(batch, num_threads=threads):  # tiktoken: Rust threads, GIL released
-            writers["val" if n_docs % cfg.val_every == 0 else "train"].add(ids)
+            writers["val" if n_docs % every == 0 else "train"].add(ids)
             n_docs += 1
         bar.update(len(batch))
 
@@ -838,21 +737,29 @@ def tokenize_corpus(cfg):
     bar.close()
     totals = {s: w.close() for s, w in writers.items()}
     skipped = {s: {k: c[k] for k in ("malformed", "empty") if c.get(k)} for s, c in counts.items()}
-    print(f"tokenized {n_docs} docs with {tok.name} ({tok.fingerprint}): train {totals['train']:,} tokens, "
-          f"val {totals['val']:,} tokens -> {out_dir}" + (f"; skipped {skipped}" if any(skipped.values()) else ""))
+    print(f"tokenized {n_docs} docs with {tok.name} ({tok.fingerprint}, {tok.vocab_size:,} tokens): "
+          f"train {totals['train']:,} tokens, val {totals['val']:,} tokens ({(n_docs + every - 1) // every} docs, "
+          f"1 in {every}) -> {out_dir}" + (f"; skipped {skipped}" if any(skipped.values()) else ""))
     return totals
 
 
+USAGE = ("usage: python data.py {download|gate|tokenize} [--key=value ...]  "
+         "(python data.py <command> --help lists the keys)")
+
+
 def main(argv):
-    args, cfg = parse_cli(DataConfig, argv)
-    if len(args) != 1 or args[0] not in ("download", "gate", "tokenize"):
-        raise SystemExit("usage: python data.py {download|gate|tokenize} [--key=value ...]  (--help lists keys)")
-    if args[0] == "download":
-        out_dir = cfg.out_dir or "out/raw"
+    from common import parse_config
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        raise SystemExit(f"error: {'unknown command ' + repr(argv[0]) if argv else 'no command'}. {USAGE}")
+    cmd, cfg = argv[0], parse_config(COMMANDS[argv[0]](), argv[1:])
+    if cmd == "download":
         for name in expand_source_names(cfg.sources):
-            paths = download_source(name, out_dir, cfg.max_shards)
-            print(f"{name}: {len(paths)} files in {os.path.join(out_dir, name)}")
-    elif args[0] == "gate":
+            paths = download_source(name, cfg.out_dir, cfg.max_shards)
+            print(f"{name}: {len(paths)} files in {os.path.join(cfg.out_dir, name)}")
+    elif cmd == "gate":
         gate_corpus(cfg)
     else:
         tokenize_corpus(cfg)

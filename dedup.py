@@ -1,35 +1,48 @@
 """
 Deduplication of several sources together (cross-source), three ways:
 
-1. near-duplicates: a MinHash signature per document over its word 5-gram shingles, LSH banding to
-   find candidate pairs, candidates verified by the Jaccard similarity their full signatures
-   estimate, clusters by union-find, and one document kept per cluster: the one from the most
-   preferred source (--priority), then the highest quality score (FineWeb-Edu's `score`), then the
-   longest.
-2. boilerplate segments: a line that appears verbatim in at least --segment_min_docs documents
-   ("Share this article", cookie banners, licence headers) is cut out of every document.
-3. benchmark overlap: a document that shares a 13-gram with any eval set (GSM8K test, the
-   multiple-choice sets; local files or downloads) is dropped.
+1. near-duplicates: documents with identical word 5-gram shingle sets are exact copies (one 64-bit
+   fingerprint of the set each); one representative of each such group gets a MinHash signature,
+   LSH banding finds candidate pairs (every pair a bucket implies, up to --lsh_max_bucket members
+   per bucket, the rest counted), each candidate is verified by the EXACT Jaccard similarity of the
+   two shingle sets (not the signature's estimate), clusters form by union-find, and one document
+   is kept per cluster: the one from the most preferred source (--priority), then the highest
+   quality score (FineWeb-Edu's `score`), then the longest.
+2. boilerplate segments: a line that appears verbatim in at least --segment_min_docs of the documents
+   that SURVIVE steps 1 and 3 ("Share this article", cookie banners, licence headers) is cut out of
+   them. Counting after near-dedup means a paragraph repeated only because its document was copied
+   30 times is content, not boilerplate.
+3. benchmark overlap: a document that shares a 13-gram with an eval item's text, or contains the
+   whole text of an item shorter than 13 words (at least --eval_min_words), is dropped. Each item is
+   indexed per field: question; question + each answer; a passage on its own; WinoGrande's sentence
+   with the blank filled by each option; LAMBADA's whole passage.
 
     python dedup.py --inputs=out/gated --priority=finemath,fineweb_edu --out_dir=out/dedup
     python dedup.py --inputs=a.jsonl,b.parquet --evals=gsm8k,mmlu --threshold=0.7
+    python dedup.py --inputs=out/gated --eval_dir=../shared/data      # eval sets from a local folder
 
-Two passes over the inputs. Pass 1, on all cores: shingle hashes -> signature -> LSH band keys,
-13-gram overlap with the eval sets, hashes of the document's lines. Then, in the main process:
-band-key collisions -> candidate pairs -> verified pairs -> clusters -> which document survives.
-Pass 2 re-reads the inputs and writes the survivors, boilerplate lines removed, to
+Words are data.py's (Unicode letters/digits, typographic quotes/dashes normalised), lowercased.
+
+Two passes over the inputs. Pass 1, on all cores: word hashes -> shingle set (kept, 4 bytes a
+shingle, in a scratch file), signature (scratch file) -> LSH band keys, eval-item overlap, hashes of
+the document's lines (scratch file). Then, in the main process: exact copies -> band-key collisions ->
+candidate pairs -> exact Jaccard -> clusters -> which documents survive -> line counts over the
+survivors. Pass 2 re-reads the inputs and writes the survivors, boilerplate lines removed, to
 out_dir/<source>/part_*.jsonl, plus out_dir/stats.json (documents and tokens in/out per rule and
-per source, the cluster-size histogram).
+per source, the cluster-size histogram, how many bucket pairs the bound left out).
 
-Memory: no text is held. Per document the main process keeps `bands` 8-byte band keys and a few
-numbers; the signatures go to a scratch file on disk; line counts live in a fixed-size count-min
-sketch (--segment_sketch_mb). So 10M documents need about 1.5 GB, whatever their length.
+Memory: no text is held. Per document the main process keeps `bands` 8-byte band keys, an 8-byte
+fingerprint and a few numbers; signatures, shingle sets and line hashes go to scratch files in
+out_dir (about 0.7x the size of the text, deleted at the end). The line counter is a count-min
+sketch sized from the number of survivor lines (at most --segment_sketch_mb), so a few hundred
+documents use kilobytes and 10M documents about 1.5 GB plus the sketch.
 """
 import csv
 import glob
 import json
 import os
 import resource
+import socket
 import sys
 import time
 from collections import Counter
@@ -38,10 +51,14 @@ from multiprocessing import Pool
 
 import numpy as np
 
-from data import (batch_ngram_hashes, batch_word_hashes, expand_inputs, iter_corpus, JsonlWriter, mix64,
-                  normalize_words, num_workers, ordered_map, parse_cli, _write_json)
+from data import (expand_inputs, iter_corpus, JsonlWriter, mix64, ngram_hashes, normalize_words, num_workers,
+                  ordered_map, word_bytes)
+from shards import _write_json
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+_NGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)  # data.ngram_hashes' multiplier
+_BYTE_MULT = 0x100000001B3                     # odd, so invertible mod 2^64
+_powers_cache = [np.ones(1, np.uint64), np.ones(1, np.uint64)]
 
 
 @dataclass
@@ -53,23 +70,26 @@ class DedupConfig:
     write: bool = True            # pass 2: write the surviving documents (off: only decide and report)
     # near-duplicates
     near_dedup: bool = True
-    threshold: float = 0.8        # Jaccard similarity of word 5-gram sets above which two documents are duplicates
+    threshold: float = 0.8        # exact Jaccard similarity of word 5-gram sets at or above which two documents are duplicates
     ngram: int = 5
-    num_perm: int = 128           # signature length; the Jaccard estimate's std is sqrt(J(1-J)/num_perm)
-    bands: int = 0                # 0 = chosen for the threshold (with rows)
+    num_perm: int = 128           # signature length (LSH only: candidates are verified exactly)
+    bands: int = 0                # 0 = chosen for the threshold and lsh_min_recall (with rows)
     rows: int = 0
+    lsh_min_recall: float = 0.995  # bands x rows chosen so that a pair at the threshold becomes a candidate this often
+    lsh_max_bucket: int = 200     # a bucket pairs each member with at most this many members before it (all pairs below)
     seed: int = 1
     # boilerplate segments
     segment_dedup: bool = True
-    segment_min_docs: int = 20    # a line in at least this many documents is boilerplate
+    segment_min_docs: int = 20    # a line in at least this many surviving documents is boilerplate
     segment_min_chars: int = 30   # shorter lines ("Thanks!", "}") are left alone
-    segment_sketch_mb: int = 256  # memory for counting lines (count-min sketch, 2 rows)
+    segment_sketch_mb: int = 256  # at most this much memory for counting lines (sized from the corpus below it)
     segment_skip_sources: str = "code"  # sources whose repeated lines are content (import lines...)
     # benchmark decontamination
     decontaminate: bool = True
     evals: str = "default"        # "default" (every known set found locally, else downloaded), names / paths, or ""
-    eval_dir: str = os.path.join(REPO_DIR, "..", "shared", "data")
+    eval_dir: str = os.path.join(REPO_DIR, "..", "shared", "data")  # local eval sets, laid out as shared/data
     eval_ngram: int = 13
+    eval_min_words: int = 8       # an eval text shorter than eval_ngram words is matched whole if it has this many
     # execution
     workers: int = 0              # 0 = all cores
     batch_docs: int = 1000
@@ -77,14 +97,97 @@ class DedupConfig:
 
 
 # -----------------------------------------------------------------------------
-# MinHash + LSH
+# Word and n-gram hashes of many documents at once (data.py defines the words).
 
-def choose_bands_rows(threshold, num_perm, fp_weight=0.05, fn_weight=0.95):
+def _byte_powers(n):
+    """M^i and M^-i mod 2^64 for i < n (cached, grown by doubling)."""
+    pw, ipw = _powers_cache
+    if len(pw) < n:
+        m = max(n, 2 * len(pw))
+        pw = np.cumprod(np.full(m, _BYTE_MULT, dtype=np.uint64))
+        ipw = np.cumprod(np.full(m, pow(_BYTE_MULT, -1, 2**64), dtype=np.uint64))
+        pw, ipw = np.concatenate([[np.uint64(1)], pw[:-1]]), np.concatenate([[np.uint64(1)], ipw[:-1]])
+        _powers_cache[:] = [pw, ipw]
+    return pw[:n], ipw[:n]
+
+
+def batch_word_hashes(texts):
+    """64-bit hashes of the normalized words of many texts, with no Python loop over words: the texts
+    are joined into one byte array; a word's hash is the polynomial sum(byte_i * M^i) read off
+    prefix sums (mod 2^64) and shifted back by M^-start, then mixed. Returns (hashes, counts), the
+    hashes of text k being hashes[sum(counts[:k]) : sum(counts[:k+1])]."""
+    joined = b"\0".join([word_bytes(t) for t in texts]) + b"\0"
+    arr = np.frombuffer(joined, dtype=np.uint8)
+    edge = np.diff((arr > 32).view(np.int8), prepend=np.int8(0))  # +1 where a word starts, -1 after it ends
+    starts, ends = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+    pw, ipw = _byte_powers(len(arr))
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(len(arr) + 1, dtype=np.uint64)
+        np.cumsum(arr * pw, out=prefix[1:])
+        h = (prefix[ends] - prefix[starts]) * ipw[starts] + (ends - starts).astype(np.uint64)
+    doc_of_word = np.searchsorted(np.flatnonzero(arr == 0), starts)  # the \0 after each text ends it
+    return mix64(h), np.bincount(doc_of_word, minlength=len(texts))
+
+
+def batch_ngram_hashes(word_hashes, word_counts, n, short_docs_as_one=False):
+    """N-gram hashes of many documents at once (their word hashes concatenated, word_counts words
+    each). Returns (hashes, counts) like batch_word_hashes. With short_docs_as_one, a document of
+    fewer than n words gets one hash of all its words, so that it still has a MinHash signature."""
+    lens = np.asarray(word_counts, dtype=np.int64)
+    counts = np.maximum(lens - n + 1, 0)
+    short = counts == 0
+    if short_docs_as_one:
+        counts[short] = 1
+    h = ngram_hashes(word_hashes, n)
+    # keep the windows that start at least n-1 words before their document's end
+    doc_start = np.repeat(np.cumsum(lens) - lens, lens)[:len(h)]
+    valid = np.arange(len(h)) - doc_start <= np.repeat(lens - n, lens)[:len(h)]
+    out = np.empty(int(counts.sum()), dtype=np.uint64)
+    out[np.repeat(~short, counts)] = h[valid]
+    if short_docs_as_one and short.any():
+        first_word, first_out = np.cumsum(lens) - lens, np.cumsum(counts) - counts
+        for i in np.flatnonzero(short):
+            acc = np.uint64(lens[i])  # the document with no words hashes to a constant of its own
+            with np.errstate(over="ignore"):
+                for w in word_hashes[first_word[i]:first_word[i] + lens[i]]:
+                    acc = acc * _NGRAM_MULT + w
+            out[first_out[i]] = mix64(np.array([acc], dtype=np.uint64))[0]
+    return out, counts
+
+
+
+
+# -----------------------------------------------------------------------------
+# Exact copies, MinHash + LSH, exact Jaccard
+
+def shingle_sets(shingle_hashes, counts):
+    """Per document, its sorted unique shingles as uint32 (the high 32 bits of the 64-bit hashes, which
+    the signatures use too). Returns (values, counts): one sort of the whole batch. Two distinct
+    shingles of one pair of documents share 32 bits with probability ~n*m/2^32 (1e-5 for 1 KB
+    documents), so Jaccard over these sets is exact for all practical purposes."""
+    doc = np.repeat(np.arange(len(counts), dtype=np.uint64), counts)
+    keys = np.unique((doc << np.uint64(32)) | (shingle_hashes >> np.uint64(32)))
+    return (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32), np.bincount((keys >> np.uint64(32)).astype(np.int64),
+                                                                          minlength=len(counts))
+
+
+def set_fingerprints(values, counts):
+    """A 64-bit fingerprint of each shingle set (order-free sum of mixed elements, then the size):
+    equal fingerprints = identical sets, i.e. exact copies up to word normalisation."""
+    mixed = mix64(values.astype(np.uint64) ^ np.uint64(0x5851F42D4C957F2D))
+    starts = np.cumsum(counts) - counts
+    with np.errstate(over="ignore"):
+        s = np.add.reduceat(mixed, starts) if len(mixed) else np.zeros(len(counts), np.uint64)
+        return mix64(s + counts.astype(np.uint64))
+
+
+def choose_bands_rows(threshold, num_perm, fp_weight=0.05, fn_weight=0.95, min_recall=None):
     """Bands x rows (b*r <= num_perm) minimising the weighted areas under the LSH S-curve
     P(candidate | J) = 1 - (1 - J^r)^b on the wrong side of the threshold: the objective of
     datasketch.lsh._optimal_param, on a numpy grid (datasketch integrates per (b, r) with scipy, ~1 s).
-    A missed pair is lost for good while a false candidate only costs a verification, so false
-    negatives weigh 0.95."""
+    With min_recall, the (b, r) of least false-candidate area among those that make a pair AT the
+    threshold a candidate with at least that probability: what run() uses, since every candidate is
+    verified exactly, so a false candidate costs one cheap check while a missed pair is lost."""
     j = np.linspace(0.0, 1.0, 1001)
     dj = j[1] - j[0]
     below, above = j <= threshold, j >= threshold
@@ -95,6 +198,8 @@ def choose_bands_rows(threshold, num_perm, fp_weight=0.05, fn_weight=0.95):
         fp = np.trapezoid(p[:, below], dx=dj, axis=1)
         fn = np.trapezoid(1.0 - p[:, above], dx=dj, axis=1)
         err = fp_weight * fp + fn_weight * fn
+        if min_recall is not None:
+            err = np.where(1.0 - (1.0 - threshold ** r[:, 0]) ** b >= min_recall, fp, np.inf)
         k = int(err.argmin())
         if err[k] < best_err:
             best, best_err = (b, int(r[k, 0])), err[k]
@@ -141,29 +246,37 @@ def lsh_band_keys(sig, bands, rows):
     return mix64(key)
 
 
-def lsh_candidate_pairs(band_keys):
-    """Pairs (i < j) that collide in at least one band. A bucket of m documents yields ~2m pairs, not
-    m^2: each member is paired with the bucket's first member and with its predecessor, which is
-    enough for union-find and keeps a bucket of 10,000 exact copies cheap."""
+def lsh_candidate_pairs(band_keys, max_bucket=200):
+    """Pairs (i < j) that collide in at least one band: every pair inside a bucket of up to max_bucket
+    members; in a larger bucket each member is paired with the max_bucket - 1 members before it (in
+    document order), which keeps the work linear and still chains the bucket together. Returns
+    (pairs, info) with info = {"large_buckets": buckets over the bound, "pairs_left_out": bucket
+    pairs not emitted because of it}, summed over bands."""
     n = len(band_keys)
-    found = []
+    found, large, left_out = [], 0, 0
     for band in range(band_keys.shape[1]):
-        order = np.argsort(band_keys[:, band], kind="stable")
+        order = np.argsort(band_keys[:, band], kind="stable")  # stable: document order inside a bucket
         k = band_keys[order, band]
-        same = k[1:] == k[:-1]
-        if not same.any():
+        new_bucket = np.concatenate([[True], k[1:] != k[:-1]])
+        if new_bucket.all():
             continue
-        new_bucket = np.concatenate([[True], ~same])
-        bucket_start = np.maximum.accumulate(np.where(new_bucket, np.arange(n), 0))
-        member = np.flatnonzero(~new_bucket)
-        found.append(np.stack([order[bucket_start[member]], order[member]], axis=1))
-        found.append(np.stack([order[member - 1], order[member]], axis=1))
+        rank = np.arange(n) - np.maximum.accumulate(np.where(new_bucket, np.arange(n), 0))  # place in its bucket
+        sizes = np.diff(np.append(np.flatnonzero(new_bucket), n))
+        over = sizes[sizes > max_bucket].astype(np.int64)
+        large += len(over)
+        left_out += int((over * (over - 1) // 2 - (max_bucket * (max_bucket - 1) // 2
+                                                   + (over - max_bucket) * (max_bucket - 1))).sum())
+        member = np.flatnonzero(rank > 0)
+        for d in range(1, max_bucket):
+            member = member[rank[member] >= d]
+            if len(member) == 0:
+                break
+            found.append(np.stack([order[member - d], order[member]], axis=1))
     if not found:
-        return np.zeros((0, 2), dtype=np.int64)
+        return np.zeros((0, 2), dtype=np.int64), {"large_buckets": large, "pairs_left_out": left_out}
     pairs = np.sort(np.concatenate(found), axis=1).astype(np.int64)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
     code = np.unique((pairs[:, 0] << 32) | pairs[:, 1])
-    return np.stack([code >> 32, code & 0xFFFFFFFF], axis=1)
+    return np.stack([code >> 32, code & 0xFFFFFFFF], axis=1), {"large_buckets": large, "pairs_left_out": left_out}
 
 
 def estimated_jaccard(sig, pairs, chunk=65536):
@@ -173,6 +286,46 @@ def estimated_jaccard(sig, pairs, chunk=65536):
         p = pairs[s:s + chunk]
         est[s:s + chunk] = (sig[p[:, 0]] == sig[p[:, 1]]).mean(axis=1)
     return est
+
+
+def _gather(values, starts, lens):
+    """values[starts[0]:starts[0]+lens[0]] ++ values[starts[1]:...] ++ ... in one fancy index."""
+    idx = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+    return np.asarray(values[idx])
+
+
+def exact_jaccard(pairs, values, offsets, chunk=1 << 22):
+    """|A & B| / |A | B| of the shingle sets of each pair; document i's set is the sorted unique
+    values[offsets[i]:offsets[i+1]] (values may be a memmap). Vectorised: a chunk of pairs is tagged
+    pair-index << 32 | shingle, and one intersect1d counts the common shingles of all its pairs."""
+    out = np.empty(len(pairs), dtype=np.float64)
+    if len(pairs) == 0:
+        return out
+    sizes = np.diff(offsets)
+    la, lb = sizes[pairs[:, 0]], sizes[pairs[:, 1]]
+    cum = np.cumsum(la + lb)
+    s = 0
+    while s < len(pairs):
+        e = max(s + 1, int(np.searchsorted(cum, (cum[s - 1] if s else 0) + chunk, side="right")))
+        p, tag = pairs[s:e], np.arange(e - s, dtype=np.uint64) << np.uint64(32)
+        a = np.repeat(tag, la[s:e]) | _gather(values, offsets[p[:, 0]], la[s:e]).astype(np.uint64)
+        b = np.repeat(tag, lb[s:e]) | _gather(values, offsets[p[:, 1]], lb[s:e]).astype(np.uint64)
+        inter = np.bincount((np.intersect1d(a, b, assume_unique=True) >> np.uint64(32)).astype(np.int64),
+                            minlength=e - s)
+        out[s:e] = inter / (la[s:e] + lb[s:e] - inter)
+        s = e
+    return out
+
+
+def exact_copy_groups(fingerprints):
+    """For each document, the first document (lowest index) with the same shingle-set fingerprint."""
+    order = np.argsort(fingerprints, kind="stable")
+    f = fingerprints[order]
+    new = np.concatenate([[True], f[1:] != f[:-1]])
+    first = order[np.maximum.accumulate(np.where(new, np.arange(len(f)), 0))]
+    rep = np.empty(len(f), dtype=np.int64)
+    rep[order] = first
+    return rep
 
 
 def union_find_clusters(n, pairs):
@@ -211,13 +364,16 @@ def choose_keepers(roots, priority_rank, score, length, contaminated):
 
 
 # -----------------------------------------------------------------------------
-# Boilerplate segments: lines counted across documents in a count-min sketch (fixed memory; it can
-# only over-count, and with the default 256 MB and 30M distinct lines an over-count of 20 has a
-# probability ~1e-20).
+# Boilerplate segments: line hashes counted over the surviving documents in a count-min sketch. It
+# can only over-count; its width is the number of survivor line entries rounded up to a power of two
+# (capped by segment_sketch_mb), so a cell holds ~1 other line on average and an over-count of 20
+# in both rows has a probability below 1e-30.
 
 class CountMinSketch:
-    def __init__(self, megabytes, depth=2):
-        self.log2w = max(10, int(np.log2(megabytes * 2**20 / (4 * depth))))
+    def __init__(self, megabytes=None, depth=2, items=None):
+        """Sized for `items` entries (at most `megabytes`), or `megabytes` when items is None."""
+        cap = max(10, int(np.log2(megabytes * 2**20 / (4 * depth)))) if megabytes else 40
+        self.log2w = min(cap, max(10, int(np.ceil(np.log2(max(items, 1)))))) if items is not None else cap
         self.table = np.zeros((depth, 2**self.log2w), dtype=np.uint32)
         self.salts = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93][:depth],
                               dtype=np.uint64)
@@ -253,115 +409,217 @@ def remove_boilerplate(text, sketch, min_docs, min_chars):
     return "\n".join(l for i, l in enumerate(lines) if i not in drop), len(drop)
 
 
-# -----------------------------------------------------------------------------
-# Eval sets for decontamination. Local copies first (eval_dir, the layout of shared/data), else the
-# Hugging Face Hub: (local glob, hub repo, glob over the repo's files).
+# =============================================================================
+# Eval-set registry and item readers. This block moves to benchmarks.py as one piece; its interface:
+#   EVAL_SETS                                   name -> (local globs under eval_dir, hub repo, hub glob)
+#   local_eval_files(name, eval_dir) -> [paths]
+#   download_eval_files(name, cache_dir, hub) -> [paths]   (hub: huggingface_hub or a stand-in)
+#   eval_item_texts(files) -> iterator of lists of strings, one list per item: the texts to index
+# Local copies use the layout of shared/data; the hub globs name the parquet files of the HF repos.
 
 EVAL_SETS = {
-    "gsm8k": ("gsm8k/test.jsonl", "openai/gsm8k", "main/test-*.parquet"),
-    "arc_easy": ("arc_easy/ARC-Easy-Test.jsonl", "allenai/ai2_arc", "ARC-Easy/test-*.parquet"),
-    "arc_challenge": ("arc_challenge/ARC-Challenge-Test.jsonl", "allenai/ai2_arc", "ARC-Challenge/test-*.parquet"),
-    "hellaswag": ("hellaswag/hellaswag_val*.jsonl", "Rowan/hellaswag", "data/validation-*.parquet"),
-    "mmlu": ("mmlu/test/*.csv", "cais/mmlu", "all/test-*.parquet"),
-    "piqa": ("piqa/valid.jsonl", None, None),
-    "winogrande": ("winogrande/dev.jsonl", "allenai/winogrande", "winogrande_xl/validation-*.parquet"),
-    "openbookqa": ("openbookqa/openbook_qa*.jsonl", "allenai/openbookqa", "main/test-*.parquet"),
-    "boolq": ("boolq/boolq*.jsonl", "google/boolq", "data/validation-*.parquet"),
-    "sciq": ("sciq/test.json", "allenai/sciq", "data/test-*.parquet"),
-    "commonsenseqa": ("commonsenseqa/dev_rand_split.jsonl", "tau/commonsense_qa", "data/validation-*.parquet"),
-    "siqa": ("siqa/dev.jsonl", None, None),
+    "gsm8k": (("gsm8k/test.jsonl",), "openai/gsm8k", "main/test-*.parquet"),
+    "arc_easy": (("arc_easy/ARC-Easy-Test.jsonl",), "allenai/ai2_arc", "ARC-Easy/test-*.parquet"),
+    "arc_challenge": (("arc_challenge/ARC-Challenge-Test.jsonl",), "allenai/ai2_arc", "ARC-Challenge/test-*.parquet"),
+    "hellaswag": (("hellaswag/hellaswag_val*.jsonl",), "Rowan/hellaswag", "data/validation-*.parquet"),
+    "mmlu": (("mmlu/test/*.csv",), "cais/mmlu", "all/test-*.parquet"),
+    "piqa": (("piqa/valid.jsonl", "piqa/tests.jsonl"), None, None),  # validation (scored) and test (unlabelled)
+    "winogrande": (("winogrande/dev.jsonl",), "allenai/winogrande", "winogrande_xl/validation-*.parquet"),
+    "openbookqa": (("openbookqa/openbook_qa*.jsonl",), "allenai/openbookqa", "main/test-*.parquet"),
+    "boolq": (("boolq/boolq*.jsonl",), "google/boolq", "data/validation-*.parquet"),
+    "sciq": (("sciq/test.json",), "allenai/sciq", "data/test-*.parquet"),
+    "commonsenseqa": (("commonsenseqa/dev_rand_split.jsonl",), "tau/commonsense_qa", "data/validation-*.parquet"),
+    "siqa": (("siqa/dev.jsonl",), None, None),
+    "lambada": (("lambada_openai/lambada_openai*.jsonl",), None, None),
 }
 
 
-def _string_leaves(obj):
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _string_leaves(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _string_leaves(v)
+def local_eval_files(name, eval_dir):
+    return sorted(f for pattern in EVAL_SETS[name][0] for f in glob.glob(os.path.join(eval_dir, pattern)))
 
 
-def read_eval_items(path):
-    """One text per eval item: all its string fields joined (question, choices, answer...), whatever
-    the format (.jsonl, .json array, header-less .csv like MMLU's, .parquet)."""
-    if path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            return [" ".join(row) for row in csv.reader(f)]
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        return [" ".join(_string_leaves(r)) for r in pq.read_table(path).to_pylist()]
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            return [" ".join(_string_leaves(r)) for r in json.load(f)]
-        items = []
-        for line in f:
-            if line.strip():
-                try:
-                    items.append(" ".join(_string_leaves(json.loads(line))))
-                except json.JSONDecodeError:
-                    pass
-        return items
-
-
-def _download_eval(name, cache_dir, hub=None):
+def download_eval_files(name, cache_dir, hub):
     _, repo, pattern = EVAL_SETS[name]
     if repo is None:
         return []
     import fnmatch
-    hub = hub or __import__("huggingface_hub")
     files = sorted(f for f in hub.list_repo_files(repo, repo_type="dataset") if fnmatch.fnmatch(f, pattern))
     return [hub.hf_hub_download(repo, f, repo_type="dataset", local_dir=os.path.join(cache_dir, name)) for f in files]
 
 
+def read_eval_rows(path):
+    """The rows of an eval file: dicts (.jsonl, .json array, .parquet) or lists (header-less .csv, MMLU's)."""
+    if path.endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            yield from csv.reader(f)
+        return
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        yield from pq.read_table(path).to_pylist()
+        return
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            yield from json.load(f)
+            return
+        for line in f:
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    pass
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _choice_texts(c):
+    """Answer options in the layouts the sets use: ["a", ...], {"text": [...]}, [{"text": "a"}, ...]."""
+    if isinstance(c, dict):
+        c = c.get("text", [])
+    return [x["text"] if isinstance(x, dict) else x for x in (c or []) if isinstance(x, (str, dict))]
+
+
+def item_texts(row):
+    """The texts of one eval item that a leak would copy, each indexed on its own: the question; the
+    question followed by each answer option; passages and solutions on their own; WinoGrande's
+    sentence with its blank filled by each option; LAMBADA's passage with its last word. Rows of
+    unknown layout: every string field on its own, and all of them joined."""
+    if isinstance(row, list):  # MMLU csv: question, A, B, C, D, answer letter
+        q, options = row[0], row[1:-1]
+        return [q] + [f"{q} {o}" for o in options]
+    if not isinstance(row, dict):
+        return []
+    if "sentence" in row and "option1" in row:  # WinoGrande
+        return [row["sentence"].replace("_", row[k], 1) for k in ("option1", "option2") if isinstance(row.get(k), str)]
+    if "continuation" in row and "context" in row:  # LAMBADA (llm-foundry layout)
+        return [f"{row['context']} {row['continuation']}"]
+    q = row.get("question")
+    options = []
+    if isinstance(q, dict):  # ARC: question = {stem, choices}
+        q, options = q.get("stem", ""), _choice_texts(q.get("choices"))
+    q = q or row.get("question_stem") or row.get("goal") or row.get("ctx") or row.get("query") or ""
+    passages = []
+    if q.startswith("Passage: ") and "\nQuestion: " in q:  # BoolQ (llm-foundry layout)
+        passage, q = q[len("Passage: "):].split("\nQuestion: ", 1)
+        passages.append(passage)
+    if isinstance(row.get("context"), str):  # Social IQa: context, question
+        q = f"{row['context']} {q}"
+    options = options or _choice_texts(row.get("choices")) or _choice_texts(row.get("endings")) \
+        or _choice_texts(row.get("options"))
+    options += [row[k] for k in ("sol1", "sol2", "correct_answer", "distractor1", "distractor2", "distractor3")
+                if isinstance(row.get(k), str)]
+    for k in ("answer", "support", "passage", "text"):  # GSM8K solutions, SciQ support, BoolQ passage, LAMBADA
+        if isinstance(row.get(k), str) and len(row[k].split()) > 3:
+            passages.append(row[k])
+    if not q and not passages:
+        strings = [s for s in _strings(row) if s.strip()]
+        return strings + [" ".join(strings)]
+    texts = [q] + [f"{q} {o}" for o in options] if q else []
+    return texts + passages
+
+
+def eval_item_texts(files):
+    """One list of texts per eval item of the given files (see item_texts)."""
+    for path in files:
+        for row in read_eval_rows(path):
+            texts = [t for t in item_texts(row) if t and t.strip()]
+            if texts:
+                yield texts
+
+
+# end of the eval-set registry
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# Decontamination: which eval sets to use, their index, and the overlap test.
+
+def hub_reachable(timeout=3.0):
+    """One quick connection attempt, so that an offline machine fails at once instead of waiting
+    through huggingface_hub's retries (~30 s)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def resolve_eval_files(cfg, hub=None):
-    """{eval set name: [files]} from --evals: 'default', or names from EVAL_SETS and/or file paths."""
+    """{eval set name: [files]} from --evals: 'default', or names from EVAL_SETS and/or file paths.
+    Local files under --eval_dir first; the Hub only for what is missing and only if it answers."""
     if not cfg.evals:
         return {}
     names = list(EVAL_SETS) if cfg.evals == "default" else [s.strip() for s in cfg.evals.split(",") if s.strip()]
-    out, missing, offline = {}, [], False
+    out, missing = {}, []
     for name in names:
         if name not in EVAL_SETS:
             if not os.path.exists(name):
                 raise SystemExit(f"error: eval set {name!r} is neither a known name ({', '.join(EVAL_SETS)}) nor a file")
             out[os.path.basename(name)] = [name]
             continue
-        files = sorted(glob.glob(os.path.join(cfg.eval_dir, EVAL_SETS[name][0])))
-        if not files and not offline:
-            try:
-                files = _download_eval(name, os.path.join(cfg.out_dir, "evals"), hub)
-            except Exception as e:
-                offline = True  # one failed try is enough: the next would wait through the same retries
-                print(f"note: eval set {name} is not under {cfg.eval_dir} and the Hub is unreachable "
-                      f"({type(e).__name__}); not downloading eval sets")
+        files = local_eval_files(name, cfg.eval_dir)
         if files:
             out[name] = files
         else:
             missing.append(name)
+    downloadable = [m for m in missing if EVAL_SETS[m][1]]
+    online = hub is not None or (downloadable and hub_reachable())
+    if downloadable and online:
+        hub = hub or __import__("huggingface_hub")
+        for name in downloadable:
+            try:
+                files = download_eval_files(name, os.path.join(cfg.out_dir, "evals"), hub)
+            except Exception as e:
+                print(f"note: eval set {name} is not under {cfg.eval_dir} and the Hub failed ({type(e).__name__}); "
+                      f"not downloading eval sets")
+                break
+            if files:
+                out[name] = files
+                missing.remove(name)
+    where = f"{cfg.eval_dir}" + (" or the Hub" if online else " (the Hub is unreachable)")
     if not out:
-        raise SystemExit(f"error: no eval set found for decontamination (looked in {cfg.eval_dir}, and the Hub). "
-                         f"Pass --eval_dir=<folder with gsm8k/, mmlu/, ...>, --evals=<files>, or --decontaminate=false.")
+        raise SystemExit(f"error: no eval set found for decontamination (not in {where}). Pass "
+                         f"--eval_dir=<folder with gsm8k/, mmlu/, ... as in shared/data>, --evals=<files>, or "
+                         f"--decontaminate=false.")
     if missing and cfg.evals != "default":
-        raise SystemExit(f"error: eval sets {missing} not found under {cfg.eval_dir} and not downloadable; "
-                         f"pass their files as --evals=path.jsonl,... or drop them from --evals")
+        raise SystemExit(f"error: eval sets {missing} not found in {where}; pass --eval_dir, or their files as "
+                         f"--evals=path.jsonl,..., or drop them from --evals")
+    if missing:
+        print(f"note: eval sets not found in {where}, not decontaminated against: {', '.join(missing)}")
     return out
 
 
-def eval_ngram_index(eval_files, n):
-    """Sorted unique n-gram hashes of all eval items, and the eval set each one came from."""
-    hashes, set_ids, names = [], [], []
+def eval_ngram_index(eval_files, n, min_words):
+    """Sorted unique hashes of every n-gram of every eval text, plus, for texts shorter than n words
+    (but at least min_words), the hash of the whole text (data.ngram_hashes over its k words, the
+    same hash a document's k-gram gets); and the eval set each hash came from. Also returns the
+    whole-text lengths k present, the document k-grams to look up."""
+    hashes, set_ids, names, short_lens = [], [], [], set()
     for k, (name, files) in enumerate(eval_files.items()):
         names.append(name)
-        items = [t for f in files for t in read_eval_items(f)]
-        for s in range(0, len(items), 2000):
-            h, _ = batch_ngram_hashes(*batch_word_hashes(items[s:s + 2000]), n)
+        texts = [t for item in eval_item_texts(files) for t in item]
+        for s in range(0, len(texts), 2000):
+            wh, counts = batch_word_hashes(texts[s:s + 2000])
+            h, _ = batch_ngram_hashes(wh, counts, n)
             hashes.append(h)
-            set_ids.append(np.full(len(h), k, dtype=np.int16))
+            starts = np.cumsum(counts) - counts
+            for i in np.flatnonzero((counts >= min_words) & (counts < n)):
+                hashes.append(ngram_hashes(wh[starts[i]:starts[i] + counts[i]], int(counts[i])))
+                short_lens.add(int(counts[i]))
+        set_ids.append(np.full(sum(map(len, hashes)) - sum(map(len, set_ids)), k, dtype=np.int16))
     h, ids = np.concatenate(hashes), np.concatenate(set_ids)
     h, first = np.unique(h, return_index=True)
-    return h, ids[first], names
+    return h, ids[first], names, sorted(short_lens)
 
 
 def eval_bitmap(eval_hashes):
@@ -394,6 +652,16 @@ def eval_overlap(ngram_hashes_, counts, eval_hashes, eval_set_ids, bitmap=None):
     return out
 
 
+def contaminating_set(word_hashes, word_counts, state, bitmap=None):
+    """Per document: the eval set whose n-gram or whole short text it contains, or -1."""
+    out = np.full(len(word_counts), -1, dtype=np.int16)
+    for k in [state["eval_ngram"]] + list(state["eval_short_lens"]):
+        h, counts = batch_ngram_hashes(word_hashes, word_counts, k)
+        hit = eval_overlap(h, counts, state["eval_hashes"], state["eval_set_ids"], bitmap)
+        out = np.where(out >= 0, out, hit)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Pass 1 worker: everything per document that does not need the other documents.
 
@@ -412,14 +680,17 @@ def document_features(job):
     out = {"words": n_words}
     if _W["near_dedup"]:
         sh, counts = batch_ngram_hashes(wh, n_words, _W["ngram"], short_docs_as_one=True)
+        values, set_sizes = shingle_sets(sh, counts)
+        out["shingles"], out["set_sizes"] = values, set_sizes
+        out["fingerprints"] = set_fingerprints(values, set_sizes)
         sig = minhash_signatures(sh, counts, _W["perm_a"], _W["perm_b"])
         out["sig"], out["keys"] = sig, lsh_band_keys(sig, _W["bands"], _W["rows"])
     if _W["eval_hashes"] is not None:
-        h, counts = batch_ngram_hashes(wh, n_words, _W["eval_ngram"])
-        out["contaminated"] = eval_overlap(h, counts, _W["eval_hashes"], _W["eval_set_ids"], _W["eval_bitmap"])
+        out["contaminated"] = contaminating_set(wh, n_words, _W, _W["eval_bitmap"])
     if _W["segment_dedup"]:
-        hs = [np.unique(np.array(line_hashes(t, _W["segment_min_chars"]), dtype=np.uint64))
-              for t, c in zip(texts, count_lines) if c]
+        hs = [np.unique(np.array(line_hashes(t, _W["segment_min_chars"]), dtype=np.uint64)) if c
+              else np.zeros(0, dtype=np.uint64) for t, c in zip(texts, count_lines)]
+        out["line_counts"] = np.array([len(h) for h in hs], dtype=np.int32)
         out["lines"] = np.concatenate(hs) if hs else np.zeros(0, dtype=np.uint64)
     return out
 
@@ -439,34 +710,80 @@ def _batches(corpus, batch_docs, source_ids, skip_segments):
         yield (texts, flags), np.array(meta, dtype=np.float64)
 
 
-def compute_features(cfg, state, source_ids, sig_path, sketch, skip_segments):
-    """Pass 1 on all cores. Signatures go to sig_path; line hashes into the sketch; returns per-document
-    arrays (meta, word counts, band keys, contaminating eval set) and the reader's counts."""
+def compute_features(cfg, state, source_ids, scratch, skip_segments):
+    """Pass 1 on all cores. Signatures, shingle sets and line hashes go to the scratch files; returns
+    per-document arrays and the reader's counts."""
     from tqdm import tqdm
     counts = {}
-    meta, words, keys, contaminated = [], [], [], []
+    per_doc = {k: [] for k in ("meta", "words", "keys", "fingerprints", "set_sizes", "contaminated", "line_counts")}
     bar = tqdm(desc="pass 1: signatures", unit="doc", disable=None)
-    with Pool(num_workers(cfg.workers), initializer=_init_worker, initargs=(state,)) as pool, \
-            open(sig_path, "wb") as sig_file:
-        batches = _batches(iter_corpus(cfg.inputs, cfg.text_field, counts), cfg.batch_docs, source_ids, skip_segments)
-        for m, out in ordered_map(pool, document_features, batches):
-            meta.append(m)
-            words.append(out["words"])
-            if "sig" in out:
-                sig_file.write(out["sig"].tobytes())
-                keys.append(out["keys"])
-            if "contaminated" in out:
-                contaminated.append(out["contaminated"])
-            if sketch is not None and len(out["lines"]):
-                sketch.add(out["lines"])
-            bar.update(len(m))
+    files = {k: open(p, "wb") for k, p in scratch.items()}
+    try:
+        with Pool(num_workers(cfg.workers), initializer=_init_worker, initargs=(state,)) as pool:
+            batches = _batches(iter_corpus(cfg.inputs, cfg.text_field, counts), cfg.batch_docs, source_ids,
+                               skip_segments)
+            for m, out in ordered_map(pool, document_features, batches):
+                per_doc["meta"].append(m)
+                for k in ("words", "keys", "fingerprints", "set_sizes", "contaminated", "line_counts"):
+                    if k in out:
+                        per_doc[k].append(out[k])
+                for k in ("sig", "shingles", "lines"):
+                    if k in out:
+                        files[k].write(out[k].tobytes())
+                bar.update(len(m))
+    finally:
+        for f in files.values():
+            f.close()
     bar.close()
-    if not meta:
+    if not per_doc["meta"]:
         raise SystemExit(f"error: no documents in {cfg.inputs} (read counts: {_plain(counts)})")
-    n = sum(map(len, meta))
-    meta = np.concatenate(meta)
-    return (meta, np.concatenate(words), np.concatenate(keys) if keys else None,
-            np.concatenate(contaminated) if contaminated else np.full(n, -1, dtype=np.int16), counts)
+    arrays = {k: np.concatenate(v) if v else None for k, v in per_doc.items()}
+    n = len(arrays["meta"])
+    if arrays["contaminated"] is None:
+        arrays["contaminated"] = np.full(n, -1, dtype=np.int16)
+    return arrays, counts
+
+
+def near_duplicate_pairs(cfg, a, n, bands, rows, scratch):
+    """Duplicate edges: exact copies (equal shingle-set fingerprints) joined to their group's first
+    document, and LSH candidates among the groups' first documents whose exact Jaccard >= threshold."""
+    info = {}
+    rep = exact_copy_groups(a["fingerprints"])
+    copies = np.flatnonzero(rep != np.arange(n))
+    copy_pairs = np.stack([rep[copies], copies], axis=1)
+    reps = np.flatnonzero(rep == np.arange(n))
+    t0 = time.time()
+    local, bucket_info = lsh_candidate_pairs(a["keys"][reps], cfg.lsh_max_bucket)
+    candidates = reps[local]
+    info["lsh_candidates_s"] = time.time() - t0
+    t0 = time.time()
+    offsets = np.concatenate([[0], np.cumsum(a["set_sizes"])])
+    values = np.memmap(scratch["shingles"], dtype=np.uint32, mode="r") if offsets[-1] else np.zeros(0, np.uint32)
+    jac = exact_jaccard(candidates, values, offsets)
+    del values
+    verified = candidates[jac >= cfg.threshold]
+    info["verify_s"] = time.time() - t0
+    info.update(exact_copies=int(len(copies)), candidate_pairs=int(len(candidates)),
+                verified_pairs=int(len(verified)), **bucket_info)
+    return np.concatenate([copy_pairs, verified]).astype(np.int64), info
+
+
+def count_survivor_lines(cfg, line_counts, survivors, path):
+    """The count-min sketch of the line hashes of the surviving documents, sized from their number."""
+    n_items = int(line_counts[survivors].sum())
+    sketch = CountMinSketch(cfg.segment_sketch_mb, items=n_items)
+    ends = np.cumsum(line_counts.astype(np.int64))
+    if ends[-1] == 0:
+        return sketch
+    lines = np.memmap(path, dtype=np.uint64, mode="r")
+    step = 100_000
+    for d0 in range(0, len(line_counts), step):
+        d1 = min(d0 + step, len(line_counts))
+        s0, s1 = ends[d0] - line_counts[d0], ends[d1 - 1]
+        mask = np.repeat(survivors[d0:d1], line_counts[d0:d1])
+        if mask.any():
+            sketch.add(np.asarray(lines[s0:s1])[mask])
+    return sketch
 
 
 def write_survivors(cfg, survivors, words, sketch, skip_segments, per_source):
@@ -490,6 +807,7 @@ def write_survivors(cfg, survivors, words, sketch, skip_segments, per_source):
                 words[i], rec["text"] = new_words, text
                 if not text.strip():
                     st["dropped"]["segment_emptied"]["docs"] += 1
+                    st["dropped"]["segment_emptied"]["tokens"] += int(words[i])
                     survivors[i] = False
                     continue
         writers[source].write(rec)
@@ -504,59 +822,61 @@ RULES = ("malformed", "empty", "decontaminated", "near_duplicate", "segment_empt
 
 def run(cfg):
     """The whole dedup; returns a dict with the stats and, for tests and the benchmark, the arrays
-    (verified pairs, cluster roots, surviving documents)."""
+    (duplicate edges, cluster roots, surviving documents, contaminating eval set per document)."""
     t_start, cpu_start, cpu_main_start = time.time(), _cpu_seconds(), _cpu_seconds(children=False)
     timings = {}
     os.makedirs(cfg.out_dir, exist_ok=True)
     sources = expand_inputs(cfg.inputs)  # fails early, with a clear line, on a missing input
     names = list(dict.fromkeys(s for s, _ in sources))
     source_ids = {s: i for i, s in enumerate(names)}
-    bands, rows = (cfg.bands, cfg.rows) if cfg.bands and cfg.rows else choose_bands_rows(cfg.threshold, cfg.num_perm)
+    bands, rows = ((cfg.bands, cfg.rows) if cfg.bands and cfg.rows
+                   else choose_bands_rows(cfg.threshold, cfg.num_perm, min_recall=cfg.lsh_min_recall))
     assert bands * rows <= cfg.num_perm, "bands x rows must not exceed num_perm"
     perm_a, perm_b = minhash_permutations(cfg.num_perm, cfg.seed)
     eval_hashes = eval_set_ids = None
-    eval_names = []
+    eval_names, short_lens = [], []
     if cfg.decontaminate and cfg.evals:
-        eval_hashes, eval_set_ids, eval_names = eval_ngram_index(resolve_eval_files(cfg), cfg.eval_ngram)
-        print(f"decontamination: {len(eval_hashes):,} {cfg.eval_ngram}-grams from {', '.join(eval_names)}")
+        t0 = time.time()
+        eval_hashes, eval_set_ids, eval_names, short_lens = eval_ngram_index(
+            resolve_eval_files(cfg), cfg.eval_ngram, cfg.eval_min_words)
+        timings["eval_index"] = time.time() - t0
+        print(f"decontamination: {len(eval_hashes):,} {cfg.eval_ngram}-grams and short texts from {', '.join(eval_names)}")
     skip_segments = {s.strip() for s in cfg.segment_skip_sources.split(",") if s.strip()}
-    sketch = CountMinSketch(cfg.segment_sketch_mb) if cfg.segment_dedup else None
     state = dict(near_dedup=cfg.near_dedup, ngram=cfg.ngram, perm_a=perm_a, perm_b=perm_b, bands=bands, rows=rows,
                  eval_hashes=eval_hashes, eval_set_ids=eval_set_ids, eval_ngram=cfg.eval_ngram,
-                 segment_dedup=cfg.segment_dedup, segment_min_chars=cfg.segment_min_chars)
+                 eval_short_lens=short_lens, segment_dedup=cfg.segment_dedup, segment_min_chars=cfg.segment_min_chars)
 
     t0 = time.time()
-    sig_path = os.path.join(cfg.out_dir, ".signatures.u32")
+    scratch = {"sig": ".signatures.u32", "shingles": ".shingles.u32", "lines": ".lines.u64"}
+    scratch = {k: os.path.join(cfg.out_dir, v) for k, v in scratch.items()}
+    near = {}
     try:
-        meta, words, keys, contaminated, counts = compute_features(cfg, state, source_ids, sig_path, sketch,
-                                                                   skip_segments)
+        a, counts = compute_features(cfg, state, source_ids, scratch, skip_segments)
+        meta, words, contaminated = a["meta"], a["words"], a["contaminated"]
         n = len(meta)
         source_of, score, length = meta[:, 0].astype(np.int64), meta[:, 1], meta[:, 2]
         timings["pass1_signatures"] = time.time() - t0
-
-        # near-duplicate clusters
-        pairs, n_candidates = np.zeros((0, 2), dtype=np.int64), 0
+        pairs = np.zeros((0, 2), dtype=np.int64)
         if cfg.near_dedup:
+            pairs, near = near_duplicate_pairs(cfg, a, n, bands, rows, scratch)
+            timings["lsh_candidates"], timings["verify"] = near.pop("lsh_candidates_s"), near.pop("verify_s")
+        t0 = time.time()
+        roots = union_find_clusters(n, pairs)
+        order = [s.strip() for s in cfg.priority.split(",") if s.strip()]
+        rank_of_source = np.array([order.index(s) if s in order else len(order) + i for i, s in enumerate(names)])
+        is_contaminated = contaminated >= 0
+        keep = choose_keepers(roots, rank_of_source[source_of], score, length, is_contaminated)
+        survivors = keep & ~is_contaminated
+        timings["clusters"] = time.time() - t0
+        sketch = None
+        if cfg.segment_dedup:
             t0 = time.time()
-            candidates = lsh_candidate_pairs(keys)
-            del keys
-            n_candidates = len(candidates)
-            timings["lsh_candidates"] = time.time() - t0
-            t0 = time.time()
-            sig = np.memmap(sig_path, dtype=np.uint32, mode="r", shape=(n, cfg.num_perm))
-            pairs = candidates[estimated_jaccard(sig, candidates) >= cfg.threshold]
-            del sig
-            timings["verify"] = time.time() - t0
+            sketch = count_survivor_lines(cfg, a["line_counts"], survivors, scratch["lines"])
+            timings["segment_count"] = time.time() - t0
     finally:
-        if os.path.exists(sig_path):
-            os.remove(sig_path)
-    t0 = time.time()
-    roots = union_find_clusters(n, pairs)
-    order = [s.strip() for s in cfg.priority.split(",") if s.strip()]
-    rank_of_source = np.array([order.index(s) if s in order else len(order) + i for i, s in enumerate(names)])
-    is_contaminated = contaminated >= 0
-    keep = choose_keepers(roots, rank_of_source[source_of], score, length, is_contaminated)
-    timings["clusters"] = time.time() - t0
+        for p in scratch.values():
+            if os.path.exists(p):
+                os.remove(p)
 
     # per source and rule: documents and tokens in, dropped, out
     per_source = {s: {"docs_in": 0, "tokens_in": 0, "docs_out": 0, "tokens_out": 0,
@@ -568,7 +888,6 @@ def run(cfg):
         st["docs_in"], st["tokens_in"] = int(sel.sum()), int(words[sel].sum())
         for r, mask in (("decontaminated", is_contaminated), ("near_duplicate", near_dup)):
             st["dropped"][r] = {"docs": int((sel & mask).sum()), "tokens": int(words[sel & mask].sum())}
-    survivors = keep & ~is_contaminated
     t0 = time.time()
     if cfg.write:
         write_survivors(cfg, survivors, words, sketch, skip_segments, per_source)
@@ -591,14 +910,15 @@ def run(cfg):
     totals["segment_lines_removed"] = sum(st["segment_lines_removed"] for st in per_source.values())
     timings["total"] = time.time() - t_start
     stats = {
-        "note": "tokens = normalized words (lowercased, punctuation split off); exact BPE counts come from the "
+        "note": "tokens = normalized words (Unicode letters/digits, lowercased); exact BPE counts come from the "
                 "tokenize step. A document both contaminated and a near-duplicate counts as decontaminated.",
         "config": asdict(cfg), "lsh": {"bands": bands, "rows": rows, "num_perm": cfg.num_perm},
         "totals": totals, "per_source": per_source,
         "decontaminated_by_eval": {name: int((contaminated == k).sum()) for k, name in enumerate(eval_names)},
-        "near_dup": {"candidate_pairs": int(n_candidates), "verified_pairs": int(len(pairs)),
-                     "clusters": int(sum(c for s, c in sizes.items() if s > 1)), "cross_source_clusters": cross,
+        "near_dup": {**near, "clusters": int(sum(c for s, c in sizes.items() if s > 1)),
+                     "cross_source_clusters": cross,
                      "cluster_size_histogram": {str(s): c for s, c in sorted(sizes.items())}},
+        "segment_sketch_mb": round(sketch.table.nbytes / 2**20, 3) if sketch is not None else 0,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "docs_per_s": round(n / timings["total"], 1),
         # CPU seconds of this process and its (finished) workers: per-core speed even on a busy machine
@@ -612,8 +932,10 @@ def run(cfg):
     print(f"dedup: {totals['docs_in']:,} -> {totals['docs_out']:,} docs ({totals['tokens_in']:,} -> "
           f"{totals['tokens_out']:,} words); near-dup {d['near_duplicate']['docs']:,}, decontaminated "
           f"{d['decontaminated']['docs']:,}, malformed {d['malformed']['docs']}, empty {d['empty']['docs']}, "
-          f"boilerplate lines {totals['segment_lines_removed']:,}; {timings['total']:.1f}s -> {cfg.out_dir}")
-    return {"stats": stats, "pairs": pairs, "roots": roots, "keep": survivors, "sources": names, "source_of": source_of}
+          f"boilerplate lines {totals['segment_lines_removed']:,} (documents emptied {d['segment_emptied']['docs']}); "
+          f"{timings['total']:.1f}s -> {cfg.out_dir}")
+    return {"stats": stats, "pairs": pairs, "roots": roots, "keep": survivors, "sources": names,
+            "source_of": source_of, "contaminated": contaminated}
 
 
 def _cpu_seconds(children=True):
@@ -626,5 +948,5 @@ def _plain(counts):
 
 
 if __name__ == "__main__":
-    _, cfg = parse_cli(DedupConfig, sys.argv[1:])
-    run(cfg)
+    from common import parse_config
+    run(parse_config(DedupConfig()))

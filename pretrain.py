@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from common import (Metrics, autocast, check_finite, init_distributed, load_checkpoint, load_training_state, log,
                     parse_config, pick_kernels, save_checkpoint, seed_everything)
-from data import load_shards, sample_batch
 from memory import auto_micro_batch
+from shards import load_shards, sample_batch
 from model import GPT, model_config
 from tokenizer import load_tokenizer
 

@@ -396,7 +396,7 @@ def write_jsonl(path, rows):
 
 def main(cfg):
     from tqdm import tqdm
-    from data import write_shards
+    from shards import write_shards
     from tokenizer import gpt2_tokenizer, train_tokenizer
 
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -209,7 +209,8 @@ def train_tokenizer(texts, vocab_size, name="bpe"):
     bpe = rustbpe.Tokenizer()
     bpe.train_from_iterator(iter(texts), n_merged, pattern=SPLIT_PATTERN)
     ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
-    return Tokenizer(f"{name}{vocab_size}", bpe.get_pattern(), ranks)
+    # named after the size actually learned: a small corpus runs out of merges before vocab_size
+    return Tokenizer(f"{name}{len(ranks) + len(SPECIAL_TOKENS)}", bpe.get_pattern(), ranks)
 
 
 def gpt2_tokenizer():

@@ -169,7 +169,7 @@ def test_wrong_stage_is_refused(pretrained, tmp_path):
 
 
 def test_shards_of_another_tokenizer_are_refused(tiny_data, pretrained, tmp_path):  # noqa: F811
-    from data import write_shards
+    from shards import write_shards
     other = train_tokenizer(["completely different text, other merges"] * 50, 280)
     write_shards([other.encode("hello world " * 40)] * 4, other, str(tmp_path / "d"), "train")
     write_shards([other.encode("hello world " * 40)] * 4, other, str(tmp_path / "d"), "val")
