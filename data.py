@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shards import SHARD_TOKENS, ShardWriter, _write_json
+from common import atomic_open, atomic_write
+from shards import SHARD_TOKENS, ShardWriter
 
 # -----------------------------------------------------------------------------
 # Sources that can be downloaded by name from the Hugging Face Hub. Each is a dataset repo, a glob
@@ -187,8 +188,7 @@ def download_source(name, out_dir, max_shards, hub=None):
                                  f"Re-run to resume; files already in {dest} are kept.")
         paths.append(local)
     # the gate step reads the source's text column and gate setting from here
-    with open(os.path.join(dest, "source.json"), "w") as fh:
-        json.dump(dict(spec, name=name, files=files), fh, indent=1)
+    atomic_write(os.path.join(dest, "source.json"), dict(spec, name=name, files=files))
     return paths
 
 
@@ -365,25 +365,27 @@ def iter_corpus(inputs, text_field="text", counts=None, **kw):
 
 
 class JsonlWriter:
-    """out_dir/part_00000.jsonl, part_00001.jsonl, ... rolled every docs_per_file documents."""
+    """out_dir/part_00000.jsonl, part_00001.jsonl, ... rolled every docs_per_file documents. Each part
+    appears whole when it is closed (common.atomic_open), so an interrupted step leaves no half part."""
 
     def __init__(self, out_dir, docs_per_file=100_000):
         self.out_dir, self.docs_per_file = out_dir, docs_per_file
-        self.f, self.n, self.part = None, 0, 0
+        self.f, self.n, self.part, self._ctx = None, 0, 0, None
         os.makedirs(out_dir, exist_ok=True)
 
     def write(self, rec):
         if self.f is None or self.n >= self.docs_per_file:
             self.close()
-            self.f = open(os.path.join(self.out_dir, f"part_{self.part:05d}.jsonl"), "w", encoding="utf-8")
+            self._ctx = atomic_open(os.path.join(self.out_dir, f"part_{self.part:05d}.jsonl"), "wb")
+            self.f = self._ctx.__enter__()
             self.part, self.n = self.part + 1, 0
-        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
         self.n += 1
 
     def close(self):
         if self.f is not None:
-            self.f.close()
-            self.f = None
+            self._ctx.__exit__(None, None, None)
+            self.f, self._ctx = None, None
 
 
 # -----------------------------------------------------------------------------
@@ -654,7 +656,7 @@ def gate_corpus(cfg):
             writer.close()
             st["malformed"], st["empty"] = counts["malformed"], counts["empty"]
     stats["_note"] = "tokens = whitespace-separated words; a document counts under the first gate it fails"
-    _write_json(os.path.join(out_dir, "gate_stats.json"), stats)
+    atomic_write(os.path.join(out_dir, "gate_stats.json"), stats)
     for source, st in stats.items():
         if source != "_note":
             print(f"gate {source}: {st['docs_in']} -> {st['docs_out']} docs; dropped "

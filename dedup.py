@@ -53,7 +53,7 @@ import numpy as np
 
 from data import (expand_inputs, iter_corpus, JsonlWriter, mix64, ngram_hashes, normalize_words, num_workers,
                   ordered_map, word_bytes)
-from shards import _write_json
+from common import atomic_write
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 _NGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)  # data.ngram_hashes' multiplier
@@ -927,7 +927,7 @@ def run(cfg):
         "peak_rss_mb": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
                         "largest_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024},
     }
-    _write_json(os.path.join(cfg.out_dir, "stats.json"), stats)
+    atomic_write(os.path.join(cfg.out_dir, "stats.json"), stats)
     d = totals["dropped"]
     print(f"dedup: {totals['docs_in']:,} -> {totals['docs_out']:,} docs ({totals['tokens_in']:,} -> "
           f"{totals['tokens_out']:,} words); near-dup {d['near_duplicate']['docs']:,}, decontaminated "

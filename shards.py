@@ -14,19 +14,13 @@ import os
 
 import numpy as np
 
+from common import atomic_write
+
 SHARD_TOKENS = 100_000_000  # tokens per .bin file (200 MB as uint16)
 
 
 def token_dtype(vocab_size):
     return np.uint16 if vocab_size < 2**16 else np.uint32
-
-
-def _write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -81,11 +75,8 @@ def _update_meta(out_dir, tok, split, names, total):
                 bos_id=tok.bos_id, dtype=np.dtype(token_dtype(tok.vocab_size)).name)
     meta["shards"][split] = names
     meta["tokens"][split] = int(total)
-    tok_path = os.path.join(out_dir, "tokenizer.json")
-    tmp = tok_path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, tok_path)
-    _write_json(os.path.join(out_dir, "meta.json"), meta)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))  # atomic (common.atomic_write)
+    atomic_write(os.path.join(out_dir, "meta.json"), meta)
 
 
 def read_meta(data_dir):
