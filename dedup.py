@@ -1,8 +1,8 @@
 """
 Deduplication of several sources together (cross-source), three ways:
 
-1. near-duplicates: documents with identical word 5-gram shingle sets are exact copies (one 64-bit
-   fingerprint of the set each); one representative of each such group gets a MinHash signature,
+1. near-duplicates: documents with identical word 5-gram shingles are exact copies (one 64-bit
+   fingerprint each); one representative of each such group gets a MinHash signature,
    LSH banding finds candidate pairs (every pair a bucket implies, up to --lsh_max_bucket members
    per bucket, the rest counted), each candidate is verified by the EXACT Jaccard similarity of the
    two shingle sets (not the signature's estimate), clusters form by union-find, and one document
@@ -160,25 +160,23 @@ def batch_ngram_hashes(word_hashes, word_counts, n, short_docs_as_one=False):
 # -----------------------------------------------------------------------------
 # Exact copies, MinHash + LSH, exact Jaccard
 
-def shingle_sets(shingle_hashes, counts):
-    """Per document, its sorted unique shingles as uint32 (the high 32 bits of the 64-bit hashes, which
-    the signatures use too). Returns (values, counts): one sort of the whole batch. Two distinct
-    shingles of one pair of documents share 32 bits with probability ~n*m/2^32 (1e-5 for 1 KB
-    documents), so Jaccard over these sets is exact for all practical purposes."""
-    doc = np.repeat(np.arange(len(counts), dtype=np.uint64), counts)
-    keys = np.unique((doc << np.uint64(32)) | (shingle_hashes >> np.uint64(32)))
-    return (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32), np.bincount((keys >> np.uint64(32)).astype(np.int64),
-                                                                          minlength=len(counts))
+def shingle_values(shingle_hashes):
+    """The shingles as uint32: the high 32 bits of the 64-bit hashes, which the signatures use too.
+    Two distinct shingles of one pair of documents share 32 bits with probability ~n*m/2^32 (1e-5 for
+    1 KB documents), so Jaccard over these values is exact for all practical purposes."""
+    return (shingle_hashes >> np.uint64(32)).astype(np.uint32)
 
 
 def set_fingerprints(values, counts):
-    """A 64-bit fingerprint of each shingle set (order-free sum of mixed elements, then the size):
-    equal fingerprints = identical sets, i.e. exact copies up to word normalisation."""
+    """A 64-bit fingerprint of each document's shingle multiset (order-free sum of mixed elements, then
+    the count): equal fingerprints = the same word sequence up to order of shingles, i.e. exact copies
+    after word normalisation. (Copies that differ only in how often a shingle repeats are left to the
+    LSH path, where their Jaccard of 1.0 makes them certain candidates.)"""
     mixed = mix64(values.astype(np.uint64) ^ np.uint64(0x5851F42D4C957F2D))
     starts = np.cumsum(counts) - counts
     with np.errstate(over="ignore"):
         s = np.add.reduceat(mixed, starts) if len(mixed) else np.zeros(len(counts), np.uint64)
-        return mix64(s + counts.astype(np.uint64))
+        return mix64(s + np.asarray(counts).astype(np.uint64))
 
 
 def choose_bands_rows(threshold, num_perm, fp_weight=0.05, fn_weight=0.95, min_recall=None):
@@ -295,9 +293,10 @@ def _gather(values, starts, lens):
 
 
 def exact_jaccard(pairs, values, offsets, chunk=1 << 22):
-    """|A & B| / |A | B| of the shingle sets of each pair; document i's set is the sorted unique
+    """|A & B| / |A | B| of the shingle sets of each pair; document i's shingles (repeats allowed) are
     values[offsets[i]:offsets[i+1]] (values may be a memmap). Vectorised: a chunk of pairs is tagged
-    pair-index << 32 | shingle, and one intersect1d counts the common shingles of all its pairs."""
+    pair-index << 32 | shingle, each side made a set with np.unique, and one intersect1d counts the
+    common shingles of all the chunk's pairs."""
     out = np.empty(len(pairs), dtype=np.float64)
     if len(pairs) == 0:
         return out
@@ -308,11 +307,13 @@ def exact_jaccard(pairs, values, offsets, chunk=1 << 22):
     while s < len(pairs):
         e = max(s + 1, int(np.searchsorted(cum, (cum[s - 1] if s else 0) + chunk, side="right")))
         p, tag = pairs[s:e], np.arange(e - s, dtype=np.uint64) << np.uint64(32)
-        a = np.repeat(tag, la[s:e]) | _gather(values, offsets[p[:, 0]], la[s:e]).astype(np.uint64)
-        b = np.repeat(tag, lb[s:e]) | _gather(values, offsets[p[:, 1]], lb[s:e]).astype(np.uint64)
+        a = np.unique(np.repeat(tag, la[s:e]) | _gather(values, offsets[p[:, 0]], la[s:e]).astype(np.uint64))
+        b = np.unique(np.repeat(tag, lb[s:e]) | _gather(values, offsets[p[:, 1]], lb[s:e]).astype(np.uint64))
+        na = np.bincount((a >> np.uint64(32)).astype(np.int64), minlength=e - s)
+        nb = np.bincount((b >> np.uint64(32)).astype(np.int64), minlength=e - s)
         inter = np.bincount((np.intersect1d(a, b, assume_unique=True) >> np.uint64(32)).astype(np.int64),
                             minlength=e - s)
-        out[s:e] = inter / (la[s:e] + lb[s:e] - inter)
+        out[s:e] = inter / (na + nb - inter)
         s = e
     return out
 
@@ -680,9 +681,8 @@ def document_features(job):
     out = {"words": n_words}
     if _W["near_dedup"]:
         sh, counts = batch_ngram_hashes(wh, n_words, _W["ngram"], short_docs_as_one=True)
-        values, set_sizes = shingle_sets(sh, counts)
-        out["shingles"], out["set_sizes"] = values, set_sizes
-        out["fingerprints"] = set_fingerprints(values, set_sizes)
+        out["shingles"], out["set_sizes"] = shingle_values(sh), counts
+        out["fingerprints"] = set_fingerprints(out["shingles"], counts)
         sig = minhash_signatures(sh, counts, _W["perm_a"], _W["perm_b"])
         out["sig"], out["keys"] = sig, lsh_band_keys(sig, _W["bands"], _W["rows"])
     if _W["eval_hashes"] is not None:
@@ -745,7 +745,7 @@ def compute_features(cfg, state, source_ids, scratch, skip_segments):
 
 
 def near_duplicate_pairs(cfg, a, n, bands, rows, scratch):
-    """Duplicate edges: exact copies (equal shingle-set fingerprints) joined to their group's first
+    """Duplicate edges: exact copies (equal shingle fingerprints) joined to their group's first
     document, and LSH candidates among the groups' first documents whose exact Jaccard >= threshold."""
     info = {}
     rep = exact_copy_groups(a["fingerprints"])

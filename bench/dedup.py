@@ -51,6 +51,9 @@ SHARED = os.path.join(REPO, "..", "shared", "data")
 TYPOGRAPHIC = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-",
                              "\u2014": "-", "\u2026": "..."})
 WORD = re.compile(r"[^\W_]+")
+# clean sources that are prose; the others (GSM8K train, ARC train/dev, MMLU dev/val) are eval-set
+# training splits that share templates and whole questions with the test splits
+PROSE_SOURCES = ["tinystories", "shakespeare", "sciq_valid"]
 BUCKETS = [("0.70-0.80", 0.7, 0.8), ("0.80-0.85", 0.8, 0.85), ("0.85-0.90", 0.85, 0.9), ("0.90-1.00", 0.9, 1.0)]
 
 
@@ -315,6 +318,7 @@ def make_real_corpus(cfg, corpus_dir):
     order = rng.permutation(len(docs))
     hosts_idx, orig_idx = order[:cfg.leaks_per_set * 15], order[cfg.leaks_per_set * 15:]
     texts = [docs[i][1] for i in orig_idx]
+    source = [docs[i][0] for i in orig_idx]
     n_orig = len(texts)
     family, kind, leak_set, leak_short = list(range(n_orig)), ["original"] * n_orig, [""] * n_orig, [False] * n_orig
     vocab = sorted({w for t in texts[:2000] for w in t.split()})
@@ -323,13 +327,16 @@ def make_real_corpus(cfg, corpus_dir):
         k = int(rng.integers(1, max(2, n_w // 12)))  # J spreads from ~1 down to ~0.5
         texts.append(edit_document(rng, texts[i], vocab, k))
         family.append(int(i)), kind.append("near"), leak_set.append(""), leak_short.append(False)
+        source.append(source[i])
     for i in rng.choice(n_orig, int(0.03 * n_orig), replace=False):
         texts.append(texts[i])
         family.append(int(i)), kind.append("exact"), leak_set.append(""), leak_short.append(False)
+        source.append(source[i])
     typo = [i for i in rng.permutation(n_orig) if curl(texts[i]) != texts[i]][:int(0.03 * n_orig)]
     for i in typo:
         texts.append(curl(texts[i]))
         family.append(int(i)), kind.append("typo"), leak_set.append(""), leak_short.append(False)
+        source.append(source[i])
     leaks = leak_texts(cfg.shared_dir)
     h = 0
     for name, items in leaks.items():
@@ -338,6 +345,7 @@ def make_real_corpus(cfg, corpus_dir):
             if h % 3 == 0:
                 item = curl(item)
             host = docs[hosts_idx[h % len(hosts_idx)]][1]
+            source.append(docs[hosts_idx[h % len(hosts_idx)]][0])
             paras = host.split("\n")
             cut = int(rng.integers(0, len(paras) + 1))
             texts.append("\n".join(paras[:cut] + [item] + paras[cut:]))
@@ -348,12 +356,12 @@ def make_real_corpus(cfg, corpus_dir):
     inv = np.argsort(perm)
     texts = [texts[i] for i in perm]
     family = inv[np.array(family)[perm]]  # family = position of the original in the shuffled corpus
-    kind, leak_set, leak_short = [np.array(x)[perm] for x in (kind, leak_set, leak_short)]
+    kind, leak_set, leak_short, source = [np.array(x)[perm] for x in (kind, leak_set, leak_short, source)]
     os.makedirs(corpus_dir, exist_ok=True)
     with open(os.path.join(corpus_dir, "real.jsonl"), "w") as f:
         for t in texts:
             f.write(json.dumps({"text": t}) + "\n")
-    return texts, family, kind, leak_set, leak_short
+    return texts, family, kind, leak_set, leak_short, source
 
 
 def near_dup_quality(texts, family, roots, keep, truth, truth_j, threshold, kinds=None):
@@ -426,7 +434,7 @@ def measure(cfg):
             "near_dup": st["near_dup"], "lsh": st["lsh"], "load_average_1min": os.getloadavg()[0]}
     if cfg.real and os.path.isdir(cfg.shared_dir):
         corpus_dir = os.path.join(cfg.out_dir, "real_corpus")
-        texts, family, kind, leak_set, leak_short = cached_real_corpus(cfg, corpus_dir)
+        texts, family, kind, leak_set, leak_short, source = cached_real_corpus(cfg, corpus_dir)
         truth, truth_j = planted_pairs(texts, family)
         inputs = os.path.join(corpus_dir, "real.jsonl")
         res = run_dedup(dedup, inputs, os.path.join(cfg.out_dir, "run_real"), cfg, decontaminate=False,
@@ -445,18 +453,23 @@ def measure(cfg):
                             "short_leaks": int(short.sum()),
                             "short_recall": round(float(flagged[short].mean()), 4) if short.any() else None}
         clean = ~is_leak
-        fp_by_set = dres["stats"]["decontaminated_by_eval"]
-        flagged_leaks = int(flagged[is_leak].sum())
+        prose = clean & np.isin(source, PROSE_SOURCES)
+        fp_by_source = {s: {"docs": int((clean & (source == s)).sum()), "flagged": int((flagged & clean & (source == s)).sum())}
+                        for s in sorted(set(source))}
+        # which eval set flagged the clean documents (the stats count every flagged document; the leaks
+        # of each set are subtracted)
+        fp_by_set = {k: v - int((is_leak & flagged & (np.char.replace(leak_set.astype(str), "piqa_test", "piqa") == k)).sum())
+                     for k, v in dres["stats"]["decontaminated_by_eval"].items()}
         results["real"] = {
             "docs": len(texts), "kinds": {k: int((kind == k).sum()) for k in sorted(set(kind))}, **q,
             "decontamination": {
                 "recall_all": round(float(flagged[is_leak].mean()), 4),
                 "recall_short_items": round(float(flagged[is_leak & leak_short].mean()), 4),
-                "false_positive_rate_clean_docs": round(float(flagged[clean].mean()), 5),
+                "false_positive_rate_prose_docs": round(float(flagged[prose].mean()), 5),
+                "false_positive_rate_all_clean_docs": round(float(flagged[clean].mean()), 5),
                 "false_positives": int(flagged[clean].sum()), "clean_docs": int(clean.sum()),
-                "by_eval_set": by_set,
-                "flagged_by_index_set_minus_planted_hits": {k: v for k, v in fp_by_set.items()},
-                "flagged_leaks": flagged_leaks},
+                "flagged_clean_by_source": fp_by_source, "flagged_clean_by_eval_set": fp_by_set,
+                "recall_by_eval_set": by_set},
             "docs_per_cpu_s": round(len(texts) / res["stats"]["cpu_s"], 1),
             "near_dup": res["stats"]["near_dup"]}
     return results
@@ -464,19 +477,19 @@ def measure(cfg):
 
 def cached_real_corpus(cfg, corpus_dir):
     key = {k: getattr(cfg, k) for k in ("seed", "real_near_fraction", "leaks_per_set", "shared_dir")}
-    key["version"] = 1
+    key["version"] = 2
     cache = os.path.join(corpus_dir, "truth.json")
     if os.path.exists(cache):
         z = json.load(open(cache))
         if z["key"] == key:
             texts = [json.loads(l)["text"] for l in open(os.path.join(corpus_dir, "real.jsonl"))]
             return (texts, np.array(z["family"]), np.array(z["kind"]), np.array(z["leak_set"]),
-                    np.array(z["leak_short"], dtype=bool))
-    texts, family, kind, leak_set, leak_short = make_real_corpus(cfg, corpus_dir)
+                    np.array(z["leak_short"], dtype=bool), np.array(z["source"]))
+    texts, family, kind, leak_set, leak_short, source = make_real_corpus(cfg, corpus_dir)
     with open(cache, "w") as f:
         json.dump({"key": key, "family": family.tolist(), "kind": kind.tolist(), "leak_set": leak_set.tolist(),
-                   "leak_short": leak_short.tolist()}, f)
-    return texts, family, kind, leak_set, leak_short
+                   "leak_short": leak_short.tolist(), "source": source.tolist()}, f)
+    return texts, family, kind, leak_set, leak_short, source, source
 
 
 def num_workers(n):
