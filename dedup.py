@@ -273,7 +273,7 @@ def lsh_candidate_pairs(band_keys, max_bucket=200):
     if not found:
         return np.zeros((0, 2), dtype=np.int64), {"large_buckets": large, "pairs_left_out": left_out}
     pairs = np.sort(np.concatenate(found), axis=1).astype(np.int64)
-    code = np.unique((pairs[:, 0] << 32) | pairs[:, 1])
+    code = sorted_unique((pairs[:, 0] << 32) | pairs[:, 1])
     return np.stack([code >> 32, code & 0xFFFFFFFF], axis=1), {"large_buckets": large, "pairs_left_out": left_out}
 
 
@@ -286,6 +286,12 @@ def estimated_jaccard(sig, pairs, chunk=65536):
     return est
 
 
+def sorted_unique(x):
+    """np.unique of a 1-D array by sort + mask: numpy 2.x's np.unique is ~20x slower on 1M uint64 here."""
+    s = np.sort(x)
+    return s[np.concatenate([[True], s[1:] != s[:-1]])] if len(s) else s
+
+
 def _gather(values, starts, lens):
     """values[starts[0]:starts[0]+lens[0]] ++ values[starts[1]:...] ++ ... in one fancy index."""
     idx = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
@@ -295,7 +301,7 @@ def _gather(values, starts, lens):
 def exact_jaccard(pairs, values, offsets, chunk=1 << 22):
     """|A & B| / |A | B| of the shingle sets of each pair; document i's shingles (repeats allowed) are
     values[offsets[i]:offsets[i+1]] (values may be a memmap). Vectorised: a chunk of pairs is tagged
-    pair-index << 32 | shingle, each side made a set with np.unique, and one intersect1d counts the
+    pair-index << 32 | shingle, each side made a set (sorted_unique), and one intersect1d counts the
     common shingles of all the chunk's pairs."""
     out = np.empty(len(pairs), dtype=np.float64)
     if len(pairs) == 0:
@@ -307,8 +313,8 @@ def exact_jaccard(pairs, values, offsets, chunk=1 << 22):
     while s < len(pairs):
         e = max(s + 1, int(np.searchsorted(cum, (cum[s - 1] if s else 0) + chunk, side="right")))
         p, tag = pairs[s:e], np.arange(e - s, dtype=np.uint64) << np.uint64(32)
-        a = np.unique(np.repeat(tag, la[s:e]) | _gather(values, offsets[p[:, 0]], la[s:e]).astype(np.uint64))
-        b = np.unique(np.repeat(tag, lb[s:e]) | _gather(values, offsets[p[:, 1]], lb[s:e]).astype(np.uint64))
+        a = sorted_unique(np.repeat(tag, la[s:e]) | _gather(values, offsets[p[:, 0]], la[s:e]).astype(np.uint64))
+        b = sorted_unique(np.repeat(tag, lb[s:e]) | _gather(values, offsets[p[:, 1]], lb[s:e]).astype(np.uint64))
         na = np.bincount((a >> np.uint64(32)).astype(np.int64), minlength=e - s)
         nb = np.bincount((b >> np.uint64(32)).astype(np.int64), minlength=e - s)
         inter = np.bincount((np.intersect1d(a, b, assume_unique=True) >> np.uint64(32)).astype(np.int64),
@@ -688,7 +694,7 @@ def document_features(job):
     if _W["eval_hashes"] is not None:
         out["contaminated"] = contaminating_set(wh, n_words, _W, _W["eval_bitmap"])
     if _W["segment_dedup"]:
-        hs = [np.unique(np.array(line_hashes(t, _W["segment_min_chars"]), dtype=np.uint64)) if c
+        hs = [sorted_unique(np.array(line_hashes(t, _W["segment_min_chars"]), dtype=np.uint64)) if c
               else np.zeros(0, dtype=np.uint64) for t, c in zip(texts, count_lines)]
         out["line_counts"] = np.array([len(h) for h in hs], dtype=np.int32)
         out["lines"] = np.concatenate(hs) if hs else np.zeros(0, dtype=np.uint64)

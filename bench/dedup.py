@@ -489,7 +489,7 @@ def cached_real_corpus(cfg, corpus_dir):
     with open(cache, "w") as f:
         json.dump({"key": key, "family": family.tolist(), "kind": kind.tolist(), "leak_set": leak_set.tolist(),
                    "leak_short": leak_short.tolist(), "source": source.tolist()}, f)
-    return texts, family, kind, leak_set, leak_short, source, source
+    return texts, family, kind, leak_set, leak_short, source
 
 
 def num_workers(n):
@@ -497,13 +497,9 @@ def num_workers(n):
 
 
 def main(argv):
-    cfg = BenchConfig()
-    for arg in argv:  # --key=value over BenchConfig (this script must run against any checkout's modules)
-        key, _, val = arg[2:].partition("=")
-        if key not in BenchConfig.__dataclass_fields__:
-            raise SystemExit(f"error: unknown option --{key}. Keys: {', '.join(BenchConfig.__dataclass_fields__)}")
-        old = getattr(cfg, key)
-        setattr(cfg, key, val.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(val))
+    sys.path.insert(0, REPO)
+    from common import parse_config
+    cfg = parse_config(BenchConfig(), argv)  # cfg.code_dir goes first on sys.path in measure()
     os.makedirs(cfg.out_dir, exist_ok=True)
     results = {"config": asdict(cfg), "this": measure(cfg)}
     if cfg.compare_dir:  # the other checkout, same corpora (cached), one process of its own
