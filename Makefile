@@ -15,7 +15,7 @@ P       = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 TSTAMP  = $(VENV)/.installed-test
 
-.PHONY: setup setup-test demo demo-data pretrain sft grpo eval report test clean-demo bench-kernels bench-generate bench-train gpu data bench-dedup ablation smollm
+.PHONY: bench-sandbox setup setup-test demo demo-data pretrain sft grpo eval report test clean-demo bench-kernels bench-generate bench-train gpu data bench-dedup ablation smollm
 
 setup: $(STAMP)
 
@@ -87,6 +87,9 @@ data: setup
 
 bench-dedup: setup
 	$(P) bench/dedup.py
+
+bench-sandbox: setup
+	$(P) verifiers.py --cmd=bench
 
 bench-kernels: setup
 	$(P) bench/kernels.py

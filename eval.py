@@ -30,7 +30,8 @@ from tqdm import tqdm
 from benchmarks import DEFAULT_DATA_DIR
 from common import atomic_write, autocast, load_checkpoint, log, parse_config, pick_device, pick_kernels
 from engine import Engine, stop_tokens_for
-from tasks import exact_match_reward, prompt_ids, read_jsonl, stop_at_end
+from tasks import prompt_ids, read_jsonl, stop_at_end
+from verifiers import CORRECT, kind_of, prompt_text, score_batch
 
 
 @dataclass
@@ -59,6 +60,7 @@ class EvalConfig:
     gsm8k_batch_size: int = 32  # problems generated at once
     gsm8k_samples: int = 0      # n samples per problem for mean@n and pass@k (0 = greedy only)
     gsm8k_k: str = "1,8"        # pass@k for these k (<= gsm8k_samples)
+    sandbox: str = "auto"       # code isolation for code/code_output rows: auto, bwrap, unshare, none (= accept weaker)
 
 
 def completions(model, tok, questions, fmt, n_samples, temperature, max_new_tokens, batch_size, seed,
@@ -78,17 +80,27 @@ def completions(model, tok, questions, fmt, n_samples, temperature, max_new_toke
 
 @torch.no_grad()
 def heldout_accuracy(model, tok, problems, fmt, k=8, temperature=1.0, max_new_tokens=64, batch_size=256,
-                     seed=0, desc=None):
-    """-> {"pass@1": %, "pass@k": %} on problems (dicts with question, target). pass@1 is greedy."""
+                     seed=0, desc=None, sandbox="auto"):
+    """-> {"pass@1": %, "pass@k": %} on problems (RL rows of any kind, verifiers.py; the embedded task's
+    rows are {question, target}), plus "pass@1/<kind>" for each task kind when there are several. pass@1 is
+    greedy; a completion is correct when its kind's verifier gives it >= 0.99."""
     was_training = model.training
     model.eval()
-    qs = [p["question"] for p in problems]
+    qs = [prompt_text(p) for p in problems]
     greedy = completions(model, tok, qs, fmt, 1, 0.0, max_new_tokens, batch_size, seed, desc)
-    p1 = sum(exact_match_reward(g[0], p["target"]) for g, p in zip(greedy, problems)) / len(problems)
-    res = {"pass@1": 100 * p1}
+    ok = [r is not None and r >= CORRECT
+          for r in score_batch(problems, [g[0] for g in greedy], isolation_mode=sandbox)]
+    res = {"pass@1": 100 * sum(ok) / len(problems)}
+    kinds = sorted({kind_of(p) for p in problems})
+    if len(kinds) > 1:
+        for kind in kinds:
+            idx = [i for i, p in enumerate(problems) if kind_of(p) == kind]
+            res[f"pass@1/{kind}"] = 100 * sum(ok[i] for i in idx) / len(idx)
     if k > 0:
         samples = completions(model, tok, qs, fmt, k, temperature, max_new_tokens, batch_size, seed + 1, desc)
-        pk = sum(any(exact_match_reward(s, p["target"]) for s in ss) for ss, p in zip(samples, problems))
+        flat = score_batch([p for p in problems for _ in range(k)], [s for ss in samples for s in ss],
+                           isolation_mode=sandbox)
+        pk = sum(any(r is not None and r >= CORRECT for r in flat[i * k:(i + 1) * k]) for i in range(len(problems)))
         res[f"pass@{k}"] = 100 * pk / len(problems)
     model.train(was_training)
     return res
@@ -119,11 +131,13 @@ def text_loss(model, tok, texts, device, batch_size=32):
 
 
 def format_table(rows, k):
-    head = f"| stage | pass@1 (%) | pass@{k} (%) | val loss | bits/byte |"
-    lines = [head, "|---|---:|---:|---:|---:|"]
+    per_kind = sorted({key for r in rows for key in r if key.startswith("pass@1/")})
+    cols = ["pass@1"] + ([f"pass@{k}"] if k > 0 else []) + per_kind
+    head = "| stage | " + "".join(f"{c} (%) | " for c in cols) + "val loss | bits/byte |"
+    lines = [head, "|---|" + "---:|" * len(cols) + "---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['pass@1']:.1f} | {r.get(f'pass@{k}', float('nan')):.1f} | "
-                     f"{r['val_loss']:.4f} | {r['bpb']:.4f} |")
+        lines.append(f"| {r['stage']} | " + "".join(f"{r.get(c, float('nan')):.1f} | " for c in cols)
+                     + f"{r['val_loss']:.4f} | {r['bpb']:.4f} |")
     return "\n".join(lines)
 
 
@@ -176,7 +190,7 @@ def main(cfg):
         model, tok, meta, ckpt = load_checkpoint(path, device, kernels=kernels)
         fmt = meta.get("fmt", "chat")
         acc = heldout_accuracy(model, tok, problems, fmt, cfg.k, cfg.temperature, cfg.max_new_tokens,
-                               cfg.batch_size, cfg.seed, desc=f"eval {meta['stage']}")
+                               cfg.batch_size, cfg.seed, desc=f"eval {meta['stage']}", sandbox=cfg.sandbox)
         vloss, bpb = text_loss(model, tok, val_texts, device)
         row = {"stage": meta["stage"], "ckpt": ckpt, "step": meta["step"], "format": fmt, **acc,
                "val_loss": vloss, "bpb": bpb, "n_heldout": len(problems), "seconds": round(time.time() - t0, 1)}

@@ -49,7 +49,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from tasks import extract_answer, write_jsonl
+from tasks import exact_match_reward, extract_answer, write_jsonl
 
 KINDS = ("gsm8k", "math", "code", "code_output", "logic", "ifeval")
 CORRECT = 0.99  # reward at or above which a completion counts as correct (accuracy, pass@1)
@@ -611,23 +611,26 @@ def gsm8k_target(row):
 
 
 def gsm8k_reward(completion, target):
-    got = extract_answer(completion)
-    return float(got is not None and got == extract_answer(f"#### {target}"))
+    return exact_match_reward(completion, target)  # the embedded task's reward: one extractor for RL and eval
 
 
 _OUTPUT_CACHE = {}
 
 
 def program_outputs(codes, limits=None, isolation_mode="auto", workers=None):
-    """What each program prints (stripped stdout), run in the sandbox once per distinct program and
-    remembered; None for a program that fails."""
+    """What each program prints (stripped stdout), run in the sandbox and remembered once it succeeded
+    (a failure, e.g. a timeout on a loaded machine, is tried again next time); None for a program that fails."""
     todo = sorted({c for c in codes if c not in _OUTPUT_CACHE})
+    failed = {}
     if todo:
         res = run_programs([({"main.py": c}, ["python", "-I", "main.py"]) for c in todo], workers, limits,
                            isolation_mode)
         for c, r in zip(todo, res):
-            _OUTPUT_CACHE[c] = r.stdout.strip() if r.status == "ok" else None
-    return [_OUTPUT_CACHE[c] for c in codes]
+            if r.status == "ok":
+                _OUTPUT_CACHE[c] = r.stdout.strip()
+            else:
+                failed[c] = None
+    return [_OUTPUT_CACHE[c] if c in _OUTPUT_CACHE else failed[c] for c in codes]
 
 
 def code_output_reward(completion, printed):
@@ -775,25 +778,34 @@ class VerifiersConfig:
 
 
 def bench(cfg):
-    """Programs per second, each isolation mode side by side in one run (alternating, so machine noise hits
-    them alike): a tiny program that prints a number."""
-    modes = [m for m in ("bwrap", "unshare", "none") if _works(m)]
+    """Programs per second through the sandbox, per isolation mode, next to a plain subprocess of the same
+    interpreter (no sandbox), all in one run, alternating (machine noise hits them alike), the same thread
+    pool for all: a tiny program that prints a number."""
+    modes = ["plain"] + [m for m in ("bwrap", "unshare", "none") if _works(m)]
+    workers = cfg.workers or os.cpu_count() or 1
     jobs = [({"main.py": f"print({i} * 2)"}, ["python", "-I", "main.py"]) for i in range(cfg.n_programs)]
+    py = sandbox_python()
+
+    def plain(job):
+        r = subprocess.run([py, "-I", "-c", job[0]["main.py"]], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        return RunResult("ok" if r.returncode == 0 else "error", r.returncode, r.stdout, r.stderr, 0.0)
+
     times = {m: 0.0 for m in modes}
     for rep in range(2):
         for m in modes if rep == 0 else modes[::-1]:
             t0 = time.time()
-            res = run_programs(jobs, cfg.workers or None, isolation_mode=m)
+            if m == "plain":
+                with ThreadPoolExecutor(workers) as pool:
+                    res = list(pool.map(plain, jobs))
+            else:
+                res = run_programs(jobs, workers, isolation_mode=m)
             times[m] += time.time() - t0
             assert all(r.status == "ok" and r.stdout.strip() == str(i * 2) for i, r in enumerate(res)), m
-    t0 = time.time()
-    plain = [subprocess.run([sys.executable, "-I", "-c", "print(2)"], capture_output=True) for _ in range(16)]
-    base = 16 / (time.time() - t0)
-    assert all(p.returncode == 0 for p in plain)
-    print(f"{os.cpu_count()} cores, {cfg.n_programs} programs x 2 per mode, workers={cfg.workers or os.cpu_count()}")
-    print(f"plain subprocess (no sandbox, serial): {base:.1f} programs/s")
+    print(f"{os.cpu_count()} cores, {cfg.n_programs} programs x 2 rounds per mode, {workers} at a time, "
+          f"interpreter {py}, load average {os.getloadavg()[0]:.1f}")
     for m in modes:
-        print(f"sandbox isolation={m:8s}: {2 * cfg.n_programs / times[m]:.1f} programs/s")
+        what = "plain subprocess, no sandbox" if m == "plain" else f"sandbox isolation={m}"
+        print(f"{what:32s}: {2 * cfg.n_programs / times[m]:6.1f} programs/s  ({times[m] / times['plain']:.2f}x plain's time)")
 
 
 def _works(mode):

@@ -1,5 +1,6 @@
 """verifiers.py: the sandbox as an attacker would try it, scoring of correct and wrong programs, math /
 GSM8K / logic / instruction checks, the row format and the Hub loaders (on files written here)."""
+import dataclasses
 import json
 import os
 import random
@@ -11,8 +12,11 @@ import pytest
 
 import verifiers as V
 
-# Tight limits: a sandbox failure must not take down a machine shared by several people.
-TIGHT = V.SandboxLimits(timeout=3.0, memory_mb=256, fsize_mb=1, nproc=8, max_output=64 << 10)
+# Tight limits: a sandbox failure must not take down a machine shared by several people. Programs that end
+# by themselves get a roomy wall clock (a loaded machine starts python slowly); only those that never end
+# (sleep, fork bomb) run into the short one.
+TIGHT = V.SandboxLimits(timeout=2.0, memory_mb=256, fsize_mb=1, nproc=8, max_output=64 << 10)
+ROOMY = dataclasses.replace(TIGHT, timeout=30.0)
 
 
 def _iso():
@@ -68,9 +72,11 @@ def test_attacks_contained_and_reported(tmp_path, monkeypatch):
     real_mkdtemp = V.tempfile.mkdtemp
     monkeypatch.setattr(V.tempfile, "mkdtemp", lambda **kw: made.append(real_mkdtemp(**kw)) or made[-1])
     jobs = [({f"{tag}_{n}.py": attacks[n]}, ["python", "-I", f"{tag}_{n}.py"]) for n in names]
+    ending = [n for n in names if n not in ("sleep", "fork_bomb")]
+    res = dict(zip(ending, V.run_programs([jobs[names.index(n)] for n in ending], workers=len(jobs), limits=ROOMY)))
+    res["sleep"] = V.run_program(*jobs[names.index("sleep")], limits=TIGHT)
     # the fork bomb alone, after the others: its spinning processes would starve them of the 2 cores
-    res = dict(zip(names[:1] + names[2:], V.run_programs(jobs[:1] + jobs[2:], workers=len(jobs), limits=TIGHT)))
-    res["fork_bomb"] = V.run_program(*jobs[1], limits=TIGHT)
+    res["fork_bomb"] = V.run_program(*jobs[names.index("fork_bomb")], limits=TIGHT)
     try:
         server.accept()
         accepted = True
@@ -82,7 +88,7 @@ def test_attacks_contained_and_reported(tmp_path, monkeypatch):
     assert res["fork_bomb"].status == "timeout"
     assert res["memory_bomb"].status != "ok" and "MemoryError" in res["memory_bomb"].stderr + res["memory_bomb"].status
     assert res["huge_file"].status in ("killed:SIGXFSZ", "error"), res["huge_file"]
-    assert res["sleep"].status == "timeout" and res["sleep"].seconds < TIGHT.timeout + 2
+    assert res["sleep"].status == "timeout" and res["sleep"].seconds < TIGHT.timeout + 10
     assert tag + "secret" not in res["secrets"].stdout and "denied" in res["secrets"].stdout
     wrote = res["write_outside"].stdout
     assert f"WROTE {outside}" not in wrote and not outside.exists()
@@ -111,19 +117,21 @@ def test_reward_is_fraction_of_tests_passed():
     call_tests = {"type": "call", "fn_name": "f", "inputs": [[x] for x in xs], "outputs": [a * x + b for x in xs]}
     rows = [{"kind": "code", "prompt": "p", "tests": {"type": "assert", "asserts": asserts}}] * 5 + \
            [{"kind": "code", "prompt": "p", "tests": stdin_tests}] * 2 + [{"kind": "code", "prompt": "p", "tests": call_tests}]
-    comps = [correct, buggy, "```python\ndef f(x) return x\n```", "```python\nimport time\ntime.sleep(100)\n```",
-             "```python\nraise SystemExit(3)\n```",
+    comps = [correct, buggy, "```python\ndef f(x) return x\n```", "```python\nraise SystemExit(3)\n```",
+             "```python\nimport os\nos._exit(0)\n```",
              f"x = int(input())\nprint({a} * x + {b})", f"x = int(input())\nprint({a} * x + {b} if x < {cut} else 0)",
              buggy]
-    got = V.score_batch(rows, comps, limits=V.SandboxLimits(timeout=3.0, memory_mb=256, nproc=16))
+    got = V.score_batch(rows, comps, limits=ROOMY)
     assert got == pytest.approx([1.0, expect_buggy, 0.0, 0.0, 0.0, 1.0, expect_buggy, expect_buggy])
+    hang = V.score(rows[0], "```python\nimport time\ntime.sleep(100)\ndef f(x):\n    return 0\n```", limits=TIGHT)
+    assert hang == 0.0  # timeout: 0 whatever passed
 
 
 def test_run_programs_parallel_in_order():
     _iso()
     vals = [random.randrange(10**6) for _ in range(6)]
     res = V.run_programs([({"m.py": f"print({v} * 3)"}, ["python", "-I", "m.py"]) for v in vals], workers=3,
-                         limits=TIGHT)
+                         limits=ROOMY)
     assert [r.stdout.strip() for r in res] == [str(v * 3) for v in vals] and all(r.status == "ok" for r in res)
 
 
@@ -139,7 +147,7 @@ def test_refuses_without_isolation_unless_accepted(monkeypatch, capsys):
     assert V.isolation("none") == "none"
     assert V.isolation("none") == "none"
     assert capsys.readouterr().err.count("isolation=none accepted") == 1  # said once
-    r = V.run_program({"m.py": "print(6 * 7)"}, ["python", "-I", "m.py"], TIGHT, isolation_mode="none")
+    r = V.run_program({"m.py": "print(6 * 7)"}, ["python", "-I", "m.py"], ROOMY, isolation_mode="none")
     assert r.stdout.strip() == "42"
 
 
@@ -148,7 +156,7 @@ def test_code_output_rows_match_the_sandbox():
     _iso()
     import tasks
     rows = tasks.make_code_split(12, seed=random.randrange(1000), split="heldout")
-    printed = V.program_outputs([r["code"] for r in rows], limits=TIGHT)
+    printed = V.program_outputs([r["code"] for r in rows], limits=ROOMY)
     assert [int(p) for p in printed] == [r["target"] for r in rows]
     assert all(V.score(r, f"... \n#### {r['target']}") == 1.0 for r in rows)
     assert all(V.score(r, f"#### {r['target'] + 1}") == 0.0 for r in rows)
@@ -278,6 +286,32 @@ def test_hub_loaders_on_fake_hub(tmp_path):
     assert [r["kind"] for r in ds + gs + eu + ie] == ["math", "gsm8k", "code", "math", "ifeval"] and skipped == 1
     assert "\\boxed{}" in V.prompt_text(ds[0]) and V.prompt_text(eu[0]) == "Square the input."
     comps = ["\\boxed{1}", f"#### {n}", "```python\nx = int(input())\nprint(x * x)\n```", "\\boxed{0.75}", "all lower"]
-    assert V.score_batch(ds + gs + eu + ie, comps, limits=TIGHT) == [1.0, 1.0, 1.0, 1.0, 1.0]
+    assert V.score_batch(ds + gs + eu + ie, comps, limits=ROOMY) == [1.0, 1.0, 1.0, 1.0, 1.0]
     with pytest.raises(SystemExit, match="unknown RL dataset"):
         V.load_hub_rows("nope", cache, hub=hub)
+
+
+def test_eval_reports_pass1_per_kind(tmp_path):
+    """Held-out rows of two kinds (tasks.py --code_share): eval.py scores each by its verifier and reports
+    pass@1 per kind, consistent with the overall pass@1."""
+    _iso()
+    import common
+    import eval as evaluate
+    import tasks
+    from model import GPT, model_config
+    from tokenizer import load_tokenizer
+    d = tmp_path / "data"
+    tasks.main(tasks.TasksConfig(out_dir=str(d), n_pretrain=200, n_val=20, n_sft=16, n_rl=16, n_heldout=12,
+                                 vocab_size=300, code_share=0.5))
+    held = [json.loads(l) for l in open(d / "heldout.jsonl")]
+    assert sum(V.kind_of(r) == "code_output" for r in held) == 6 and all(V.check_row(r) is None for r in held)
+    tok = load_tokenizer(str(d / "tokenizer.json"))
+    model = GPT(model_config("tiny", vocab_size=tok.vocab_size, n_layer=1, d_model=32, d_ff=64))
+    common.save_checkpoint(str(tmp_path / "sft"), stage="sft", step=0, model=model, tok=tok,
+                           train_cfg=tasks.TasksConfig(), extra={"fmt": "chat"})
+    res = evaluate.main(evaluate.EvalConfig(ckpts=str(tmp_path / "sft"), data_dir=str(d), n_heldout=12, k=0,
+                                            max_new_tokens=8, out=str(tmp_path / "eval"), device="cpu",
+                                            kernels="torch"))[0]
+    assert res["pass@1"] == pytest.approx((res["pass@1/gsm8k"] + res["pass@1/code_output"]) / 2)
+    table = open(str(tmp_path / "eval") + ".md").read()
+    assert "pass@1/code_output (%)" in table and "pass@0" not in table
