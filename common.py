@@ -270,6 +270,83 @@ def log(msg):
     print(msg, flush=True)
 
 
+def available_cpus():
+    """CPUs this process may actually use: its affinity mask, capped by a cgroup v2 CPU quota
+    (a container's --cpus). os.cpu_count() reports the whole machine, which oversubscribes."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def set_threads():
+    """One PyTorch thread per available CPU (see available_cpus), shared among torchrun's local
+    processes; OMP_NUM_THREADS, when set, wins.
+    More threads than cores (or cores busy with other work) slows CPU training many times over."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: the processes share the CPUs
+    n = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() \
+        else available_cpus() // max(1, local_ranks)
+    torch.set_num_threads(max(1, n))
+    return n
+
+
+class PlainProgress:
+    """What progress() returns when output is not a terminal: the same calls as tqdm, printed as a
+    plain line at every tenth of the way (and at least once a minute) instead of a redrawn bar."""
+
+    def __init__(self, iterable=None, desc=None, total=None, initial=0, **_):
+        self.iterable, self.desc = iterable, desc or "progress"
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n, self.postfix, self.t0 = initial, "", time.time()
+        self.last_print, self.next_mark = self.t0, self._mark_after(initial)
+
+    def _mark_after(self, n):
+        if not self.total:
+            return float("inf")
+        step = max(1, self.total // 10)
+        return (n // step + 1) * step
+
+    def __iter__(self):
+        for x in self.iterable:
+            yield x
+            self.update(1)
+
+    def update(self, k=1):
+        self.n += k
+        now = time.time()
+        if self.n >= self.next_mark or self.n == self.total or now - self.last_print >= 60:
+            self.next_mark = self._mark_after(self.n)
+            self.last_print = now
+            of = f"/{self.total}" if self.total else ""
+            print(f"{self.desc}: {self.n}{of} ({now - self.t0:.0f}s){self.postfix}", flush=True)
+
+    def set_postfix(self, **kw):
+        self.postfix = " " + " ".join(f"{k}={v}" for k, v in kw.items())
+
+    def write(self, msg):
+        print(msg, flush=True)
+
+    def close(self):
+        pass
+
+
+def progress(iterable=None, desc=None, disable=False, **kw):
+    """A tqdm bar on a terminal; periodic plain lines (PlainProgress) when output goes to a file or
+    a pipe, where a redrawn bar would flood the log. disable=True shows nothing."""
+    from tqdm import tqdm
+    if disable or sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, disable=disable, dynamic_ncols=True, **kw)
+    return PlainProgress(iterable, desc=desc, **kw)
+
+
 class Metrics:
     """Appends one JSON object per line to <out_dir>/metrics.jsonl and prints a short line.
 

@@ -3,10 +3,16 @@ Evaluate checkpoints and print one table across stages.
 
     python eval.py --ckpts=out/pretrain,out/sft,out/grpo --data_dir=out/data
 
-For each checkpoint: held-out accuracy on the embedded task (pass@1 greedy, exact match on the
-number after '####'), pass@k from k samples at `temperature`, and validation loss (nats/token) and
-bits per byte on held-out documents. A pretrained checkpoint is prompted in the plain text format
-it was trained on, SFT/GRPO checkpoints in the chat format. Writes <out>.json and <out>.md.
+For each checkpoint: held-out accuracy (pass@1 greedy, exact match on the number after '####'),
+pass@k from k samples at `temperature`, the share of greedy completions cut off by max_new_tokens,
+and validation loss (nats/token) and bits per byte on held-out text (skipped when there is none).
+Held-out rows may be GSM8K rows, {question, target} rows or chat `messages` rows (tasks.load_examples):
+
+    python eval.py --ckpts=out/sft --heldout=../shared/data/gsm8k/test.jsonl --max_new_tokens=256 \
+        --val_text=../shared/data/tinystories/tinystories_sample.txt
+
+A pretrained checkpoint is prompted in the plain text format it was trained on, SFT/GRPO
+checkpoints in the chat format. Writes <out>.json and <out>.md.
 
 With --tasks, the public benchmarks instead (benchmarks.py: lm-evaluation-harness's formats and metrics):
 
@@ -25,24 +31,27 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
-
 from benchmarks import DEFAULT_DATA_DIR
-from common import atomic_write, autocast, load_checkpoint, log, parse_config, pick_device, pick_kernels
+from common import (atomic_write, autocast, load_checkpoint, log, parse_config, pick_device, pick_kernels, progress,
+                    set_threads)
 from engine import Engine, stop_tokens_for
-from tasks import prompt_ids, read_jsonl, stop_at_end
-from verifiers import CORRECT, kind_of, prompt_text, score_batch
+from tasks import example_prompt_ids, load_examples, read_jsonl, stop_at_end
+from verifiers import CORRECT, kind_of, score_batch
 
 
 @dataclass
 class EvalConfig:
     ckpts: str = "out/pretrain,out/sft,out/grpo"  # comma-separated checkpoint (or stage) directories
     data_dir: str = "out/data"
+    heldout: str = ""           # held-out problems (JSONL, any format of tasks.ROW_FORMATS); "" = <data_dir>/heldout.jsonl
+    val_text: str = ""          # text for val loss / bits per byte: .jsonl rows with "text", or any text file;
+                                # "" = <data_dir>/val_text.jsonl if it exists, "none" = skip
     n_heldout: int = 400
     k: int = 8                  # pass@k samples per problem
     temperature: float = 1.0    # for the pass@k samples
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64    # completion budget; GSM8K solutions need ~256 (see the truncation warning)
     batch_size: int = 256       # sequences generated at once
+    max_val_windows: int = 256  # text loss: at most this many max_seq_len windows
     out: str = "out/eval"       # writes out/eval.json and out/eval.md
     seed: int = 0
     device: str = "auto"
@@ -63,57 +72,135 @@ class EvalConfig:
     sandbox: str = "auto"       # code isolation for code/code_output rows: auto, bwrap, unshare, none (= accept weaker)
 
 
-def completions(model, tok, questions, fmt, n_samples, temperature, max_new_tokens, batch_size, seed,
+TRUNCATION_WARN = 0.10  # warn when more than this fraction of completions hit max_new_tokens
+
+
+def fit_prompts(tok, examples, fmt, max_seq_len, max_new_tokens, what):
+    """Examples whose prompt leaves room for max_new_tokens in the context; the others are counted
+    and reported once, up front (a prompt that cannot fit would otherwise end generation)."""
+    if max_new_tokens >= max_seq_len:
+        raise SystemExit(f"error: --max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {max_seq_len} tokens; lower it.")
+    budget = max_seq_len - max_new_tokens
+    kept = [ex for ex in examples if len(example_prompt_ids(tok, ex, fmt)) <= budget]
+    if len(kept) < len(examples):
+        log(f"note: skipped {len(examples) - len(kept)} of {len(examples)} {what} whose {fmt} prompt is longer than "
+            f"{budget} tokens (context {max_seq_len} - max_new_tokens {max_new_tokens})")
+    return kept
+
+
+def truncated(ids, max_new_tokens, stop_id):
+    """A completion was cut off by max_new_tokens: it used the whole budget and did not stop."""
+    return len(ids) >= max_new_tokens and (not ids or ids[-1] != stop_id)
+
+
+def warn_truncation(frac, what, max_new_tokens):
+    if frac > TRUNCATION_WARN:
+        log(f"warning: {100 * frac:.0f}% of {what} completions hit --max_new_tokens={max_new_tokens} before ending; "
+            f"their answers are cut off (scored wrong). Raise --max_new_tokens.")
+
+
+def check_budget(tok, examples, max_new_tokens, what):
+    """Up front: warn when the reference answers of the data are mostly longer than max_new_tokens
+    (then nearly every completion is cut off and every reward is 0)."""
+    refs = [ex["answer"] for ex in examples[:1000] if ex.get("answer")]
+    if not refs:
+        return
+    lens = sorted(len(ids) + 1 for ids in tok.encode_batch(refs))  # + the closing <|end|>
+    longer = sum(n > max_new_tokens for n in lens) / len(lens)
+    if longer > TRUNCATION_WARN:
+        log(f"warning: {100 * longer:.0f}% of the {what} reference answers are longer than --max_new_tokens="
+            f"{max_new_tokens} tokens (median {lens[len(lens) // 2]}, 90th percentile {lens[int(0.9 * (len(lens) - 1))]})"
+            f"; completions that long are cut off and score 0. Raise --max_new_tokens.")
+
+
+def completions(model, tok, examples, fmt, n_samples, temperature, max_new_tokens, batch_size, seed,
                 desc=None):
-    """n_samples completions (text) for each question, grouped: out[i] is the list for questions[i]."""
+    """n_samples completions (text) for each example, grouped: out[i] is the list for examples[i];
+    and the fraction of all completions cut off by max_new_tokens (the engine's truncated flag)."""
     engine = Engine(model, max_batch=batch_size)
     gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
-    per_chunk = max(1, batch_size // n_samples)  # questions per engine call, for the progress bar
-    texts = []
-    for i in tqdm(range(0, len(questions), per_chunk), desc=desc, leave=False, disable=desc is None):
-        prompts = [prompt_ids(tok, q, fmt) for q in questions[i:i + per_chunk]]
+    per_chunk = max(1, batch_size // n_samples)  # examples per engine call, for the progress lines
+    texts, n_cut = [], 0
+    for i in progress(range(0, len(examples), per_chunk), desc=desc, leave=False, disable=desc is None):
+        prompts = [example_prompt_ids(tok, ex, fmt) for ex in examples[i:i + per_chunk]]
         out = engine.generate(prompts, n=n_samples, max_new_tokens=max_new_tokens,
                               stop_tokens=stop_tokens_for(tok, fmt), temperature=temperature, generator=gen)
         texts += [[stop_at_end(tok.decode(s.tokens), fmt) for s in group] for group in out]
-    return texts
+        n_cut += sum(s.truncated for group in out for s in group)
+    return texts, n_cut / max(1, len(examples) * n_samples)
 
 
 @torch.no_grad()
 def heldout_accuracy(model, tok, problems, fmt, k=8, temperature=1.0, max_new_tokens=64, batch_size=256,
                      seed=0, desc=None, sandbox="auto"):
-    """-> {"pass@1": %, "pass@k": %} on problems (RL rows of any kind, verifiers.py; the embedded task's
-    rows are {question, target}), plus "pass@1/<kind>" for each task kind when there are several. pass@1 is
-    greedy; a completion is correct when its kind's verifier gives it >= 0.99."""
+    """-> {"pass@1": %, "pass@k": %, "truncated": % of greedy completions cut off by max_new_tokens} on
+    problems (examples of tasks.load_examples; their raw rows of any kind are scored by verifiers.py),
+    plus "pass@1/<kind>" for each task kind when there are several. pass@1 is greedy; a completion is
+    correct when its kind's verifier gives it >= 0.99."""
     was_training = model.training
     model.eval()
-    qs = [prompt_text(p) for p in problems]
-    greedy = completions(model, tok, qs, fmt, 1, 0.0, max_new_tokens, batch_size, seed, desc)
+    rows = [p.get("row", p) for p in problems]
+    greedy, cut = completions(model, tok, problems, fmt, 1, 0.0, max_new_tokens, batch_size, seed, desc)
+    warn_truncation(cut, "held-out greedy", max_new_tokens)
     ok = [r is not None and r >= CORRECT
-          for r in score_batch(problems, [g[0] for g in greedy], isolation_mode=sandbox)]
+          for r in score_batch(rows, [g[0] for g in greedy], isolation_mode=sandbox)]
     res = {"pass@1": 100 * sum(ok) / len(problems)}
-    kinds = sorted({kind_of(p) for p in problems})
+    kinds = sorted({kind_of(r) for r in rows})
     if len(kinds) > 1:
         for kind in kinds:
-            idx = [i for i, p in enumerate(problems) if kind_of(p) == kind]
+            idx = [i for i, r in enumerate(rows) if kind_of(r) == kind]
             res[f"pass@1/{kind}"] = 100 * sum(ok[i] for i in idx) / len(idx)
     if k > 0:
-        samples = completions(model, tok, qs, fmt, k, temperature, max_new_tokens, batch_size, seed + 1, desc)
-        flat = score_batch([p for p in problems for _ in range(k)], [s for ss in samples for s in ss],
+        samples, _ = completions(model, tok, problems, fmt, k, temperature, max_new_tokens, batch_size, seed + 1,
+                                 desc)
+        flat = score_batch([r for r in rows for _ in range(k)], [s for ss in samples for s in ss],
                            isolation_mode=sandbox)
         pk = sum(any(r is not None and r >= CORRECT for r in flat[i * k:(i + 1) * k]) for i in range(len(problems)))
         res[f"pass@{k}"] = 100 * pk / len(problems)
+    res["truncated"] = 100 * cut
     model.train(was_training)
     return res
 
 
+def read_texts(path):
+    """Documents for the text loss: a .jsonl file's "text" fields, or a plain text file split on
+    <|endoftext|> (TinyStories style) when it has any, else taken whole."""
+    if path.endswith(".jsonl"):
+        rows = read_jsonl(path, with_lines=True)
+        bad = [i for i, r in rows if not isinstance(r, dict) or not isinstance(r.get("text"), str)]
+        if bad:
+            raise SystemExit(f'error: {len(bad)} rows of {path} have no "text" field (first: {path}:{bad[0]}); '
+                             f'--val_text takes JSONL rows {{"text": ...}} or a plain text file')
+        return [r["text"] for _, r in rows]
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --val_text file {path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path} is not UTF-8 (byte offset {e.start}); re-encode it as UTF-8")
+    docs = [d for d in text.split("<|endoftext|>") if d.strip()]
+    return docs
+
+
 @torch.no_grad()
-def text_loss(model, tok, texts, device, batch_size=32):
-    """Mean NLL per token (nats) and bits per byte over documents, each starting with <|bos|>."""
+def text_loss(model, tok, texts, device, batch_size=32, max_windows=0):
+    """Mean NLL per token (nats) and bits per byte over documents, each starting with <|bos|>.
+    A document longer than the context is cut into consecutive max_seq_len windows (each token is
+    predicted once); at most max_windows windows (0 = all) are scored."""
     model.eval()
-    nll, n_tok, n_bytes = 0.0, 0, 0
     max_len = model.cfg.max_seq_len
-    for i in range(0, len(texts), batch_size):
-        rows = [[tok.bos_id] + tok.encode(t)[:max_len] for t in texts[i:i + batch_size]]
+    windows = []
+    for t in texts:
+        ids = [tok.bos_id] + tok.encode(t)
+        windows += [ids[j:j + max_len + 1] for j in range(0, len(ids) - 1, max_len)]
+        if max_windows and len(windows) >= max_windows:
+            windows = windows[:max_windows]
+            break
+    nll, n_tok, n_bytes = 0.0, 0, 0
+    for i in range(0, len(windows), batch_size):
+        rows = windows[i:i + batch_size]
         L = max(len(r) for r in rows)
         x = torch.zeros(len(rows), L - 1, dtype=torch.long)
         y = torch.full((len(rows), L - 1), -100, dtype=torch.long)
@@ -130,14 +217,21 @@ def text_loss(model, tok, texts, device, batch_size=32):
     return nll / n_tok, nll / (math.log(2) * n_bytes)
 
 
+def row_label(row):
+    """A checkpoint's name in the table: its stage, directory and step, so two SFT runs differ."""
+    return f"{row['stage']} ({row['ckpt']}, step {row['step']})"
+
+
 def format_table(rows, k):
     per_kind = sorted({key for r in rows for key in r if key.startswith("pass@1/")})
-    cols = ["pass@1"] + ([f"pass@{k}"] if k > 0 else []) + per_kind
-    head = "| stage | " + "".join(f"{c} (%) | " for c in cols) + "val loss | bits/byte |"
+    cols = ["pass@1"] + ([f"pass@{k}"] if k > 0 else []) + per_kind + ["truncated"]
+    head = "| checkpoint | " + "".join(f"{'cut off' if c == 'truncated' else c} (%) | " for c in cols) \
+        + "val loss | bits/byte |"
     lines = [head, "|---|" + "---:|" * len(cols) + "---:|---:|"]
+    num = lambda v, f: "n/a" if v is None or v != v else format(v, f)  # noqa: E731  (None/NaN: not measured)
     for r in rows:
-        lines.append(f"| {r['stage']} | " + "".join(f"{r.get(c, float('nan')):.1f} | " for c in cols)
-                     + f"{r['val_loss']:.4f} | {r['bpb']:.4f} |")
+        lines.append(f"| {row_label(r)} | " + "".join(f"{num(r.get(c), '.1f')} | " for c in cols)
+                     + f"{num(r.get('val_loss'), '.4f')} | {num(r.get('bpb'), '.4f')} |")
     return "\n".join(lines)
 
 
@@ -176,22 +270,43 @@ def benchmark_main(cfg, device, kernels):
     return rows
 
 
+def resolve_val_text(cfg):
+    if cfg.val_text == "none":
+        return None
+    if cfg.val_text:
+        return cfg.val_text
+    auto = os.path.join(cfg.data_dir, "val_text.jsonl")
+    return auto if os.path.exists(auto) else None
+
+
 def main(cfg):
+    set_threads()
     device = pick_device(cfg.device)
     kernels = pick_kernels(cfg.kernels, device)
     if cfg.tasks:
         return benchmark_main(cfg, device, kernels)
-    problems = read_jsonl(os.path.join(cfg.data_dir, "heldout.jsonl"))[:cfg.n_heldout]
-    val_texts = [r["text"] for r in read_jsonl(os.path.join(cfg.data_dir, "val_text.jsonl"))]
-    log(f"eval: {len(problems)} held-out problems, pass@{cfg.k}, device {device}, kernels {kernels}")
+    heldout = cfg.heldout or os.path.join(cfg.data_dir, "heldout.jsonl")
+    all_problems = load_examples(heldout, "target", "held-out", limit=cfg.n_heldout)
+    val_path = resolve_val_text(cfg)
+    val_texts = read_texts(val_path) if val_path else None
+    if val_texts is None:
+        log("note: no --val_text given (and no <data_dir>/val_text.jsonl): validation loss and bits per byte "
+            "are skipped. Pass --val_text=FILE (a text file or JSONL with a \"text\" field) to measure them.")
+    log(f"eval: {len(all_problems)} held-out problems from {heldout}, pass@{cfg.k}, "
+        f"max_new_tokens {cfg.max_new_tokens}, device {device}, kernels {kernels}")
     rows = []
     for path in [p for p in cfg.ckpts.split(",") if p]:
         t0 = time.time()
         model, tok, meta, ckpt = load_checkpoint(path, device, kernels=kernels)
         fmt = meta.get("fmt", "chat")
+        problems = fit_prompts(tok, all_problems, fmt, model.cfg.max_seq_len, cfg.max_new_tokens,
+                               f"held-out problems for {ckpt}")
+        check_budget(tok, problems, cfg.max_new_tokens, "held-out")
         acc = heldout_accuracy(model, tok, problems, fmt, cfg.k, cfg.temperature, cfg.max_new_tokens,
-                               cfg.batch_size, cfg.seed, desc=f"eval {meta['stage']}", sandbox=cfg.sandbox)
-        vloss, bpb = text_loss(model, tok, val_texts, device)
+                               cfg.batch_size, cfg.seed, desc=f"eval {meta['stage']}", sandbox=cfg.sandbox) \
+            if problems else {}
+        vloss, bpb = text_loss(model, tok, val_texts, device, max_windows=cfg.max_val_windows) if val_texts \
+            else (None, None)
         row = {"stage": meta["stage"], "ckpt": ckpt, "step": meta["step"], "format": fmt, **acc,
                "val_loss": vloss, "bpb": bpb, "n_heldout": len(problems), "seconds": round(time.time() - t0, 1)}
         log(json.dumps(row))

@@ -46,11 +46,12 @@ import torch
 from tqdm import tqdm
 
 from common import (Metrics, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
-                    pick_device, pick_kernels, save_checkpoint, seed_everything)
+                    pick_device, pick_kernels, save_checkpoint, seed_everything,
+                    set_threads)
 from eval import heldout_accuracy
 from engine import Engine, stop_tokens_for
 from model import output_logprobs
-from tasks import exact_match_reward, extract_answer, prompt_ids, read_jsonl
+from tasks import exact_match_reward, extract_answer, load_examples, prompt_ids
 
 
 @dataclass
@@ -568,12 +569,13 @@ def train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it):
 def load_pools(cfg):
     """[(rows, ratio)]: `data` alone, or the files and shares of `difficulty_mix`."""
     if not cfg.difficulty_mix:
-        return [(read_jsonl(cfg.data), 1.0)]
+        return [(load_examples(cfg.data, "target", "GRPO training", min_rows=cfg.prompts_per_iter,
+                               min_flag="--prompts_per_iter"), 1.0)]
     pools = []
     for entry in cfg.difficulty_mix.split(","):
         path, _, ratio = entry.rpartition(":")
         try:
-            pools.append((read_jsonl(path), float(ratio)))
+            pools.append((load_examples(path, "target", "GRPO training"), float(ratio)))
         except ValueError:
             raise SystemExit(f"error: --difficulty_mix entry '{entry}' is not path:ratio")
     total = sum(r for _, r in pools)
@@ -584,9 +586,13 @@ def load_pools(cfg):
 
 def main(cfg):
     check_config(cfg)
+    set_threads()
     device = pick_device(cfg.device)
     kernels = pick_kernels(cfg.kernels, device)
     seed_everything(cfg.seed)
+    # every input is read and validated (all rows, tasks.load_examples) before any checkpoint is loaded
+    pools = load_pools(cfg)
+    problems = load_examples(cfg.heldout, "target", "held-out", limit=cfg.n_eval) if cfg.n_eval > 0 else []
     os.makedirs(cfg.out_dir, exist_ok=True)
     src = cfg.out_dir if cfg.resume else cfg.init_from
     model, tok, meta, ckpt = load_checkpoint(src, device, expect_stage=["sft", "grpo", "import"], kernels=kernels)
@@ -599,8 +605,6 @@ def main(cfg):
     if cfg.beta > 0 or cfg.log_kl:
         ref, _, _, _ = load_checkpoint(ref_from, device, kernels=kernels)
         ref.requires_grad_(False).eval()
-    pools = load_pools(cfg)
-    problems = read_jsonl(cfg.heldout)[:cfg.n_eval] if cfg.n_eval > 0 else []
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     start = 0
     if cfg.resume:
@@ -639,8 +643,8 @@ def main(cfg):
 
     def evaluate(it):
         if problems:
-            acc = heldout_accuracy(model, tok, problems, "chat", k=0)
-            metrics.write(step=it, heldout_pass1=acc["pass@1"])
+            acc = heldout_accuracy(model, tok, problems, "chat", k=0, max_new_tokens=cfg.max_new_tokens)
+            metrics.write(step=it, heldout_pass1=acc["pass@1"], heldout_truncated=acc["truncated"])
             tqdm.write(f"iter {it}: held-out pass@1 {acc['pass@1']:.1f}%")
             return acc["pass@1"]
 

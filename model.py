@@ -35,19 +35,38 @@ class ModelConfig:
 PRESETS = {
     # the CPU demo: ~1M parameters, trains in minutes on 2 cores
     "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, max_seq_len=256),
-    # SmolLM2-135M's shape
-    "135m": dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, max_seq_len=2048),
+    # real text on a laptop CPU: 9.4M parameters in the blocks, +3.1M in the embedding at an 8k vocabulary
+    # (12.6M); a context of 512 holds almost every GSM8K question + solution
+    "cpu": dict(n_layer=6, n_head=6, n_kv_head=2, d_model=384, d_ff=1024, max_seq_len=512),
+    # SmolLM2-135M exactly (its config.json / GGUF metadata): 30 layers, d 576, 9 heads / 3 KV heads,
+    # SwiGLU 1536, vocab 49152, rope_theta 1e5, RMSNorm eps 1e-5, 8192 positions, tied embeddings
+    "135m": dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, max_seq_len=8192,
+                 rope_theta=100000.0, norm_eps=1e-5),
     # Qwen2.5-1.5B's shape (tied embeddings; its q/k/v biases come in with a Hugging Face import): the size the
     # RL recipes start from, for memory plans and the 1.5B GRPO run
     "qwen2.5-1.5b": dict(vocab_size=151936, n_layer=28, n_head=12, n_kv_head=2, d_model=1536, d_ff=8960,
                          max_seq_len=4096, rope_theta=1000000.0, norm_eps=1e-6),
 }
 
+SIZE_FLAGS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff")  # the dials that override a preset
+
 
 def model_config(preset, **overrides):
+    """A preset's config with `overrides` applied (None or 0 = keep the preset's value), checked so a
+    bad combination is one clear line, not a shape error deep in the model."""
     if preset not in PRESETS:
         raise SystemExit(f"error: unknown model config '{preset}'; choose one of {sorted(PRESETS)}")
-    return ModelConfig(**{**PRESETS[preset], **overrides})
+    cfg = ModelConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v not in (None, 0)}})
+    for name in SIZE_FLAGS:
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"error: --{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2:
+        raise SystemExit(f"error: --d_model={cfg.d_model} must be a multiple of --n_head={cfg.n_head} with an even "
+                         f"head size (RoPE rotates pairs); e.g. --d_model={cfg.n_head * 64}")
+    if cfg.n_head % cfg.n_kv_head:
+        raise SystemExit(f"error: --n_head={cfg.n_head} must be a multiple of --n_kv_head={cfg.n_kv_head} "
+                         f"(grouped-query attention shares each KV head among n_head / n_kv_head query heads)")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 Pretraining from token shards (data.py's format).
 
     python pretrain.py --model=tiny --data_dir=out/data --out_dir=out/pretrain
+    python pretrain.py --model=cpu --data_dir=out/tinystories --out_dir=out/pretrain_cpu   # ~12M params, a laptop CPU
+    python pretrain.py --model=cpu --n_layer=8 --d_model=512 --n_head=8 ...   # any size: the flags override a preset
     python pretrain.py --model=135m --data_dir=out/fineweb --batch_size=32 --grad_accum=16 --max_steps=20000
     python pretrain.py ... --resume=true        # continue from <out_dir>/ckpt
 
 AdamW, linear warmup then cosine decay to min_lr, gradient accumulation and clipping, bf16 autocast
-on CUDA, periodic validation loss, tokens/s and MFU, metrics as JSON lines in <out_dir>/metrics.jsonl.
+on CUDA, periodic validation loss (with a few sampled lines, to read what the model has learned),
+tokens/s and MFU, metrics as JSON lines in <out_dir>/metrics.jsonl.
 """
 import math
 import os
@@ -16,19 +19,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from common import (Metrics, autocast, check_finite, init_distributed, load_checkpoint, load_training_state, log,
-                    parse_config, pick_kernels, save_checkpoint, seed_everything)
+                    parse_config, pick_kernels, progress, save_checkpoint, seed_everything, set_threads)
+from engine import generate
 from memory import auto_micro_batch
 from shards import load_shards, sample_batch
-from model import GPT, model_config
+from model import GPT, SIZE_FLAGS, model_config
 from tokenizer import load_tokenizer
 
 
 @dataclass
 class PretrainConfig:
-    model: str = "tiny"            # model preset (model.py PRESETS)
+    model: str = "tiny"            # model preset (model.py PRESETS): tiny (~1M), cpu (~12M), 135m (SmolLM2-135M)
+    n_layer: int = 0               # the size dials: each overrides the preset when > 0
+    d_model: int = 0
+    n_head: int = 0
+    n_kv_head: int = 0
+    d_ff: int = 0
     data_dir: str = "out/data"     # token shards + tokenizer.json
     out_dir: str = "out/pretrain"
     init_from: str = ""            # continue from another checkpoint's weights (new optimizer)
@@ -46,6 +53,8 @@ class PretrainConfig:
     grad_clip: float = 1.0
     eval_interval: int = 100
     eval_batches: int = 8
+    sample_lines: int = 3          # lines sampled from <|bos|> and printed at each evaluation (0 = none)
+    sample_tokens: int = 48        # tokens per sampled line
     ckpt_interval: int = 200
     log_interval: int = 20
     seed: int = 1337
@@ -111,7 +120,24 @@ def val_loss(model, shards, cfg, device):
     return float(np.mean(losses))
 
 
+@torch.no_grad()
+def sample_text(model, tok, cfg, device):
+    """cfg.sample_lines short continuations of <|bos|> (temperature 0.8, top-k 50, a fixed seed so
+    successive evaluations are comparable), newlines shown as '⏎'."""
+    if cfg.sample_lines <= 0:
+        return []
+    n = min(cfg.sample_tokens, model.cfg.max_seq_len - 1)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    was_training = model.training
+    model.eval()
+    outs = generate(model, [[tok.bos_id]] * cfg.sample_lines, n, stop_id=tok.bos_id, temperature=0.8, top_k=50,
+                    generator=gen)
+    model.train(was_training)
+    return [tok.decode(o).replace("\n", "⏎ ") for o in outs]
+
+
 def main(cfg):
+    set_threads()
     # under torchrun: one process per GPU, each with the whole model (DDP); rank 0 logs and saves
     rank, world, device = init_distributed(cfg.device)
     kernels = pick_kernels(cfg.kernels, device)
@@ -126,7 +152,8 @@ def main(cfg):
         model, tok, meta, ckpt = load_checkpoint(cfg.init_from, device, kernels=kernels)
     else:
         tok = load_tokenizer(os.path.join(cfg.data_dir, "tokenizer.json"))
-        model = GPT(model_config(cfg.model, vocab_size=tok.vocab_size, kernels=kernels)).to(device)
+        sizes = {k: getattr(cfg, k) for k in SIZE_FLAGS}
+        model = GPT(model_config(cfg.model, vocab_size=tok.vocab_size, kernels=kernels, **sizes)).to(device)
     train_shards = load_shards(cfg.data_dir, "train", expect_tokenizer=tok.fingerprint)
     val_shards = load_shards(cfg.data_dir, "val", expect_tokenizer=tok.fingerprint)
     if cfg.seq_len > model.cfg.max_seq_len:
@@ -166,8 +193,8 @@ def main(cfg):
     model.train()
     t0, tokens_since = time.time(), 0
     vloss = None
-    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="pretrain",
-               dynamic_ncols=True, disable=rank != 0)
+    bar = progress(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="pretrain",
+                   disable=rank != 0)
     for step in bar:
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
@@ -207,6 +234,8 @@ def main(cfg):
             vloss = val_loss(model, val_shards, cfg, device)  # the bare model: DDP forwards are collective
             bar.write(f"step {step + 1}: train loss {loss_sum:.4f}, val loss {vloss:.4f}")
             metrics.write(step=step + 1, val_loss=vloss)
+            for line in (sample_text(model, tok, cfg, device) if rank == 0 else []):
+                bar.write(f"  sample: {line}")
         if (step + 1) % cfg.ckpt_interval == 0 or last:
             save(step + 1, vloss)
     bar.close()

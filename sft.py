@@ -4,9 +4,15 @@ interpolation with the base: theta = (1 - alpha) * theta_base + alpha * theta_sf
 
     python sft.py --init_from=out/pretrain --data=out/data/sft.jsonl --out_dir=out/sft --alpha=0.9
 
-Data: JSONL rows {"question", "answer"} (GSM8K style), or {"messages": [{"role", "content"}, ...]}
-with one user turn followed by one assistant turn. Held-out accuracy is reported at alpha = 0, 1 and
-the chosen alpha; the checkpoint written holds the chosen alpha's weights.
+Data (training and held-out alike, read by tasks.load_examples and validated before training):
+JSONL rows {"question", "answer"} (GSM8K style), {"question", "target"} (held-out only), or
+{"messages": [{"role", "content"}, ...]} with any number of turns (loss on every assistant turn).
+Examples longer than the model's context are dropped, and counted. The checkpoint (the chosen
+alpha's weights) is saved as soon as training ends; held-out accuracy at alpha = 0, 1 and the
+chosen alpha is computed afterwards and added to it.
+
+    python sft.py --init_from=out/pretrain --data=../shared/data/gsm8k/train.jsonl \
+        --heldout=../shared/data/gsm8k/test.jsonl --max_new_tokens=256 --out_dir=out/sft
 
 Spectrum SFT (VibeThinker's diversity-exploring distillation, arXiv 2511.06221 §3.3), with `--probe_every=N`:
   1. domain-aware diversity probing: a snapshot every N steps (and the last one) is scored on a probe set per
@@ -26,13 +32,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
-
 from common import (Metrics, autocast, check_finite, init_distributed, load_checkpoint, log, parse_config,
-                    pick_kernels, save_checkpoint, seed_everything)
-from eval import heldout_accuracy
+                    pick_kernels, progress, save_checkpoint, seed_everything, set_threads)
+from eval import check_budget, fit_prompts, heldout_accuracy
 from pretrain import all_ranks_mean, lr_at, make_optimizer
-from tasks import chat_example_ids, read_jsonl
+from tasks import chat_messages_ids, load_examples, read_jsonl
 
 
 @dataclass
@@ -52,8 +56,9 @@ class SFTConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     alpha: float = 0.9             # weight of the fine-tuned model in the interpolation with the base
-    n_eval: int = 200              # held-out problems for the alpha report
+    n_eval: int = 200              # held-out problems for the alpha report (0 = no report)
     k: int = 8                     # pass@k in that report
+    max_new_tokens: int = 64       # completion budget of that report; GSM8K solutions need ~256
     log_interval: int = 20
     probe: str = "out/data/probe.jsonl"  # spectrum SFT's probe set: rows {question, target, subdomain}
     probe_every: int = 0           # spectrum SFT: probe a snapshot every N steps (0 = off)
@@ -65,15 +70,23 @@ class SFTConfig:
     kernels: str = "auto"
 
 
-def example_fields(row, path, i):
-    if "messages" in row:
-        msgs = row["messages"]
-        if len(msgs) != 2 or msgs[0].get("role") != "user" or msgs[1].get("role") != "assistant":
-            raise SystemExit(f"error: {path} row {i}: expected messages = [user, assistant]")
-        return msgs[0]["content"], msgs[1]["content"]
-    if "question" not in row or "answer" not in row:
-        raise SystemExit(f"error: {path} row {i} has neither question/answer nor messages fields")
-    return row["question"], row["answer"]
+def tokenize_examples(tok, rows, max_seq_len, path):
+    """(ids, loss_mask) per example; examples longer than the context are dropped, and the count,
+    the longest length and the remedy are printed (never silently)."""
+    examples, too_long = [], []
+    for ex in rows:
+        ids, mask = chat_messages_ids(tok, ex["messages"])
+        if len(ids) > max_seq_len:
+            too_long.append(len(ids))
+        else:
+            examples.append((ids, mask))
+    if too_long:
+        log(f"note: dropped {len(too_long)} of {len(rows)} examples of {path} as too long: longer than the model's "
+            f"context of {max_seq_len} tokens (the longest has {max(too_long)}). A model preset with a longer "
+            f"max_seq_len keeps them.")
+    if not examples:
+        raise SystemExit(f"error: no example of {path} fits the model's context of {max_seq_len} tokens")
+    return examples
 
 
 def collate(examples, device):
@@ -134,22 +147,21 @@ def spectrum_report(model, tok, snapshots, scores, problems, cfg, metrics, step)
 
 
 def main(cfg):
+    set_threads()
     rank, world, device = init_distributed(cfg.device)  # torchrun: one process per GPU (DDP); rank 0 saves
     kernels = pick_kernels(cfg.kernels, device)
     seed_everything(cfg.seed)
+    # every input is read and validated before any training: a bad held-out row must not cost a run
+    rows = load_examples(cfg.data, "answer", "SFT training")
+    problems = load_examples(cfg.heldout, "target", "held-out", limit=cfg.n_eval) if cfg.n_eval > 0 else []
     os.makedirs(cfg.out_dir, exist_ok=True)
     model, tok, base_meta, _ = load_checkpoint(cfg.init_from, device, expect_stage=["pretrain", "sft", "import"],
                                                kernels=kernels)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rows = read_jsonl(cfg.data)
-    examples = []
-    for i, row in enumerate(rows):
-        ids, mask = chat_example_ids(tok, *example_fields(row, cfg.data, i + 1))
-        if len(ids) > model.cfg.max_seq_len:
-            continue
-        examples.append((ids, mask))
-    if not examples:
-        raise SystemExit(f"error: no usable examples in {cfg.data}")
+    examples = tokenize_examples(tok, rows, model.cfg.max_seq_len, cfg.data)
+    if problems:
+        problems = fit_prompts(tok, problems, "chat", model.cfg.max_seq_len, cfg.max_new_tokens, "held-out problems")
+        check_budget(tok, problems, cfg.max_new_tokens, "held-out")
     global_batch = cfg.batch_size * cfg.grad_accum * world
     steps = math.ceil(cfg.epochs * len(examples) / global_batch)
     optimizer = make_optimizer(model, cfg, device)
@@ -175,14 +187,14 @@ def main(cfg):
         snapshots[step] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # off the GPU
         scores[step] = probe_snapshot(model, tok, probe_sets, cfg.probe_k, cfg.seed)
         metrics.write(step=step, **{f"probe_{kind}_{m}": v for kind, acc in scores[step].items() for m, v in acc.items()})
-        tqdm.write(f"step {step} probe: " + ", ".join(f"{kind} {acc[f'pass@{cfg.probe_k}']:.0f}%"
+        log(f"step {step} probe: " + ", ".join(f"{kind} {acc[f'pass@{cfg.probe_k}']:.0f}%"
                                                       for kind, acc in scores[step].items()))
         model.train()
 
     rng = random.Random(cfg.seed)
     order = []
     model.train()
-    bar = tqdm(range(steps), desc="sft", dynamic_ncols=True, disable=rank != 0)
+    bar = progress(range(steps), desc="sft", disable=rank != 0)
     for step in bar:
         lr = lr_at(step, cfg, max_steps=steps)
         for g in optimizer.param_groups:
@@ -208,12 +220,12 @@ def main(cfg):
             loss_sum += loss.item() / world
         if world > 1:
             loss_sum = all_ranks_mean(loss_sum, device) * world
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if rank == 0 and ((step + 1) % cfg.log_interval == 0 or step + 1 == steps):
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}")
-            metrics.write(step=step + 1, loss=loss_sum, lr=lr)
+            metrics.write(step=step + 1, loss=loss_sum, lr=lr, grad_norm=gnorm)
         if rank == 0 and probe_sets and ((step + 1) % cfg.probe_every == 0 or step + 1 == steps):
             probe(step + 1)  # the other ranks wait for rank 0 at the next step's gradient all-reduce
     if world > 1:
@@ -223,8 +235,16 @@ def main(cfg):
 
     # weight interpolation with the base (VibeThinker-style checkpoint fusion, with the base as anchor)
     sft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    problems = read_jsonl(cfg.heldout)[:cfg.n_eval] if cfg.n_eval > 0 else []
     extra = {}
+
+    def save(report):
+        model.load_state_dict(interpolate(base_state, sft_state, cfg.alpha))
+        save_checkpoint(cfg.out_dir, stage="sft", step=steps, model=model, tok=tok, train_cfg=cfg,
+                        extra={"fmt": "chat", "alpha": cfg.alpha, "alpha_report": report,
+                               "fused": cfg.save_fused and "spectrum" in extra, **extra})
+
+    save({})  # the trained model is on disk before the reports below spend any time
+    log(f"sft: checkpoint (alpha={cfg.alpha}) saved in {os.path.join(cfg.out_dir, 'ckpt')}")
     if probe_sets:  # 2-4. specialists, fusion, report
         fused, extra["spectrum"] = spectrum_report(model, tok, snapshots, scores, problems, cfg, metrics, steps)
         if cfg.save_fused:
@@ -234,14 +254,13 @@ def main(cfg):
         if not problems:
             break
         model.load_state_dict(interpolate(base_state, sft_state, alpha))
-        acc = heldout_accuracy(model, tok, problems, "chat", k=cfg.k, seed=cfg.seed, desc=f"eval alpha={alpha}")
+        acc = heldout_accuracy(model, tok, problems, "chat", k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                               seed=cfg.seed, desc=f"eval alpha={alpha}")
         report[str(alpha)] = acc
         log(f"alpha {alpha:.2f}: " + ", ".join(f"{k} {v:.1f}%" for k, v in acc.items()))
         metrics.write(step=steps, alpha=alpha, **acc)
-    model.load_state_dict(interpolate(base_state, sft_state, cfg.alpha))
-    save_checkpoint(cfg.out_dir, stage="sft", step=steps, model=model, tok=tok, train_cfg=cfg,
-                    extra={"fmt": "chat", "alpha": cfg.alpha, "alpha_report": report, "fused": cfg.save_fused,
-                           **extra})
+    if report or extra:
+        save(report)
     log(f"sft done: checkpoint (alpha={cfg.alpha}) in {os.path.join(cfg.out_dir, 'ckpt')}")
 
 

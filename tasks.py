@@ -287,11 +287,54 @@ def chat_example_ids(tok, question, answer):
     return ids, mask
 
 
+def chat_messages_ids(tok, messages):
+    """(ids, loss_mask) of a conversation of any number of turns: <|bos|>, then per turn
+    <|user|>text<|end|> or <|assistant|>text<|end|>. The mask is on every assistant turn's text and
+    its closing <|end|> (so the model learns to stop), never on user text or the role tokens. A
+    leading system message has no role token of its own: it is prepended to the first user turn
+    (what nanochat does). One user + one assistant turn gives exactly chat_example_ids."""
+    messages = merge_system(messages)
+    if getattr(tok, "chat_template", None) is not None:  # an imported tokenizer's template (issue 7's renderer)
+        if [x["role"] for x in messages] == ["user", "assistant"]:
+            return chat_example_ids(tok, messages[0]["content"], messages[1]["content"])
+        raise SystemExit("error: multi-turn conversations with a Hugging Face chat template are not supported yet; "
+                         "use one user + one assistant turn per row, or a nanoforge tokenizer")
+    ids, mask = [tok.bos_id], [0]
+    for m in messages:
+        if m["role"] == "user":
+            turn = [tok.user_id] + tok.encode(m["content"]) + [tok.end_id]
+            ids += turn
+            mask += [0] * len(turn)
+        else:
+            reply = tok.encode(m["content"]) + [tok.end_id]
+            ids += [tok.assistant_id] + reply
+            mask += [0] + [1] * len(reply)
+    return ids, mask
+
+
+def merge_system(messages):
+    if messages and messages[0]["role"] == "system":
+        rest = [dict(m) for m in messages[1:]]
+        if rest and rest[0]["role"] == "user":
+            rest[0]["content"] = messages[0]["content"] + "\n\n" + rest[0]["content"]
+        return rest
+    return messages
+
+
 def prompt_ids(tok, question, fmt):
     """The prompt for `fmt`: "chat" (the chat format above) or "plain" (document boundary + plain_prompt)."""
     if fmt == "chat":
         return chat_prompt_ids(tok, question)
     return [tok.bos_id] + tok.encode(plain_prompt(question))
+
+
+def example_prompt_ids(tok, ex, fmt):
+    """The prompt of a loaded example (load_examples): a chat model continues the whole
+    conversation before the last assistant turn; a base model sees the last question as plain text."""
+    if fmt == "chat" and len(ex.get("context", ())) > 1:
+        ids, _ = chat_messages_ids(tok, ex["context"])
+        return ids + [tok.assistant_id]
+    return prompt_ids(tok, ex["question"], fmt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,20 +390,115 @@ def stop_at_end(text, fmt):
 # ----------------------------------------------------------------------------------------------
 # JSONL I/O shared by the stages
 
-def read_jsonl(path):
-    """Rows of a JSONL file. A malformed line ends with a clear error naming the file and line."""
+def read_jsonl(path, with_lines=False):
+    """Rows of a JSONL file (with their line numbers if asked). A line that is not UTF-8 or not
+    JSON ends with a clear error naming the file and line."""
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found")
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"error: {path}:{i} is not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 f"re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SystemExit(f"error: {path}:{i} is not valid JSON ({e.msg}); fix or delete that line")
+            rows.append((i, row) if with_lines else row)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# THE row loader of SFT, GRPO and eval, for training and held-out files alike.
+
+ROW_FORMATS = ('{"question", "answer"} (GSM8K: the answer ends in "#### N"), {"question", "target"}, or '
+               '{"messages": [{"role": "user"|"assistant"|"system", "content"}, ...]} (optionally with "target")')
+
+
+def _example(row, need):
+    """One JSONL row -> the normalized example, or a string saying what is wrong with it.
+
+    Example: {"messages": the whole conversation (system merged into the first user turn),
+              "context": the turns before the last assistant turn (the prompt),
+              "question": the last user turn's text, "answer": the last assistant turn's text or None,
+              "target": the reference answer (a normalized number as text) or None}.
+    need: "answer" (SFT: something to train on), "target" (GRPO / held-out: something to check against)."""
+    if not isinstance(row, dict):
+        return f"is a JSON {type(row).__name__}, not an object"
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return '"messages" must be a non-empty list of {"role", "content"}'
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                return f'messages[{j}] must be {{"role": "user"|"assistant"|"system", "content": text}}'
+            if m["role"] == "system" and j > 0:
+                return f"messages[{j}] is a system message; only the first message may be one"
+        msgs = merge_system(msgs)
+        if not msgs or msgs[0]["role"] != "user":
+            return "the conversation must start with a user turn (after an optional system message)"
+        for a, b in zip(msgs, msgs[1:]):
+            if a["role"] == b["role"]:
+                return f"two {a['role']} turns in a row; user and assistant turns must alternate"
+        last_assistant = max((j for j, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        answer = msgs[last_assistant]["content"] if last_assistant is not None else None
+        context = msgs[:last_assistant] if last_assistant is not None else msgs
+        question = context[-1]["content"]
+        if context[-1]["role"] != "user":
+            return "the conversation has no user turn before its last assistant turn"
+        target = row.get("target")
+    else:
+        question, answer, target = row.get("question"), row.get("answer"), row.get("target")
+        if not isinstance(question, str) or not question.strip():
+            return 'has no "question" text' + ("" if "question" in row else f" (fields: {', '.join(row) or 'none'})")
+        if answer is not None and not isinstance(answer, str):
+            return '"answer" must be text'
+        msgs = [{"role": "user", "content": question}] + ([{"role": "assistant", "content": answer}] if answer else [])
+        context = msgs[:1]
+    if target is not None:
+        norm = extract_answer(f"#### {target}")
+        if norm is None:
+            return f'"target" must be a number, got {str(target)[:40]!r}'
+        target = norm
+    elif answer is not None:
+        target = extract_answer(answer)  # GSM8K: the number after '####'
+    if need == "answer" and answer is None:
+        return 'has nothing to train on: needs an "answer" or an assistant turn in "messages"'
+    if need == "target" and target is None:
+        return ('has no reference answer: needs "target", or an answer ending in "#### N"'
+                if answer is not None or "target" in row else 'has no "answer" or "target" to check against')
+    return {"messages": msgs, "context": context, "question": question, "answer": answer, "target": target}
+
+
+def load_examples(path, need, what="data", min_rows=1, min_flag=None, limit=0):
+    """Read and validate EVERY row of a JSONL file before anything trains on it.
+
+    Formats: see ROW_FORMATS. need: "answer" (SFT training rows) or "target" (GRPO prompts and
+    held-out problems). Bad rows are counted and the first is named (file:line, what is wrong, what
+    to do) in one line; so are an empty file and fewer than `min_rows` good rows. `limit` > 0 keeps
+    the first `limit` examples (after validating all of them)."""
+    examples, bad, first_bad = [], 0, None
+    for line, row in read_jsonl(path, with_lines=True):
+        ex = _example(row, need)
+        if isinstance(ex, str):
+            bad += 1
+            first_bad = first_bad or f"{path}:{line} {ex}"
+        else:
+            examples.append(ex)
+    if bad:
+        raise SystemExit(f"error: {bad} of {bad + len(examples)} rows of {what} file {path} are unusable; the first: "
+                         f"{first_bad}. Each row must be {ROW_FORMATS}. Fix or remove those rows.")
+    if len(examples) < min_rows:
+        raise SystemExit(f"error: {what} file {path} has {len(examples)} usable rows; this run needs at least "
+                         f"{min_rows}" + (f" ({min_flag}={min_rows})" if min_flag else "") +
+                         ". Add rows" + (f" or lower {min_flag}." if min_flag else "."))
+    return examples[:limit] if limit > 0 else examples
 
 
 # ----------------------------------------------------------------------------------------------

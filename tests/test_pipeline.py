@@ -119,13 +119,14 @@ def test_every_stage_end_to_end(tiny_data, pretrained, tmp_path, capsys):  # noq
     assert [r["stage"] for r in res] == ["pretrain", "sft", "grpo"]
     assert all(r["val_loss"] > 0 and r["bpb"] > 0 and 0 <= r["pass@1"] <= 100 for r in res)
     table = open(str(out) + ".md").read().splitlines()
-    assert [l.split("|")[1].strip() for l in table[2:]] == ["pretrain", "sft", "grpo"]
+    # rows are labelled by checkpoint: stage, directory and step (two SFT runs can be told apart)
+    assert [l.split("|")[1].strip() for l in table[2:]] == [f"{r['stage']} ({r['ckpt']}, step {r['step']})" for r in res]
     # the report reads the stage directories laid out as the Makefile lays them out
     os.symlink(pretrained, tmp_path / "pretrain")
     os.rename(str(out) + ".md", tmp_path / "eval.md")
     report.main(report.ReportConfig(out_dir=str(tmp_path)))
     assert os.path.getsize(tmp_path / "report.png") > 1000
-    assert "| grpo |" in open(tmp_path / "report.md").read()
+    assert f"| grpo ({res[2]['ckpt']}, step 2) |" in open(tmp_path / "report.md").read()
 
 
 def test_text_loss_matches_hand_computed_bits_per_byte(pretrained):
