@@ -15,7 +15,7 @@ P       = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 TSTAMP  = $(VENV)/.installed-test
 
-.PHONY: bench-sandbox setup setup-test demo demo-data pretrain sft grpo eval report test clean-demo bench-kernels bench-generate bench-train gpu data bench-dedup ablation smollm
+.PHONY: bench-sandbox setup setup-test demo demo-data pretrain sft grpo eval report test clean-demo bench-kernels bench-generate bench-train gpu data bench-dedup ablation smollm real
 
 setup: $(STAMP)
 
@@ -113,3 +113,35 @@ clean-demo:
 # the RL-recipe ablation on the embedded task (CPU, ~30 min): every --recipe x 2 seeds + the hard split
 ablation: setup
 	OMP_NUM_THREADS=1 $(P) bench/ablation.py
+
+# The README's real path on ../shared/data, as a smoke run sized for a small shared CPU (a few minutes):
+# TinyStories -> gate -> dedup (decontaminated against GSM8K test) -> tokenize -> pretrain (cpu preset, few steps)
+# -> SFT on GSM8K train -> GRPO on GSM8K train -> eval on GSM8K test -> report. Real runs: the README's commands.
+# Skips (exit 0) without ../shared/data.
+REAL_DATA  ?= ../shared/data
+REAL_OUT   ?= out/real
+REAL_STEPS ?= 60
+REAL_NEW   ?= 256
+real: setup
+	@if [ ! -f $(REAL_DATA)/gsm8k/train.jsonl ] || [ ! -f $(REAL_DATA)/tinystories/tinystories_sample.txt ]; then \
+		echo "make real: skipped: $(REAL_DATA)/gsm8k and $(REAL_DATA)/tinystories not found (REAL_DATA=... points elsewhere)"; \
+	else \
+	set -e; start=$$(date +%s); rm -rf $(REAL_OUT); \
+	$(P) data.py gate --inputs=$(REAL_DATA)/tinystories/tinystories_sample.txt --out_dir=$(REAL_OUT)/gated; \
+	$(P) dedup.py --inputs=$(REAL_OUT)/gated --out_dir=$(REAL_OUT)/dedup --eval_dir=$(REAL_DATA) --evals=gsm8k; \
+	$(P) data.py tokenize --inputs=$(REAL_OUT)/dedup --out_dir=$(REAL_OUT)/data --vocab_size=4096; \
+	$(P) pretrain.py --model=cpu --data_dir=$(REAL_OUT)/data --out_dir=$(REAL_OUT)/pretrain --max_steps=$(REAL_STEPS) \
+		--batch_size=8 --seq_len=256 --warmup_steps=10 --eval_interval=$(REAL_STEPS) --ckpt_interval=$(REAL_STEPS) \
+		--device=$(DEVICE); \
+	$(P) sft.py --init_from=$(REAL_OUT)/pretrain --data=$(REAL_DATA)/gsm8k/train.jsonl \
+		--heldout=$(REAL_DATA)/gsm8k/test.jsonl --out_dir=$(REAL_OUT)/sft --epochs=0.01 --batch_size=8 --warmup_steps=2 \
+		--n_eval=0 --max_new_tokens=$(REAL_NEW) --device=$(DEVICE); \
+	$(P) grpo.py --init_from=$(REAL_OUT)/sft --data=$(REAL_DATA)/gsm8k/train.jsonl \
+		--heldout=$(REAL_DATA)/gsm8k/test.jsonl --out_dir=$(REAL_OUT)/grpo --iterations=2 --prompts_per_iter=2 \
+		--group_size=2 --max_new_tokens=$(REAL_NEW) --n_eval=0 --eval_interval=2 --device=$(DEVICE); \
+	$(P) eval.py --ckpts=$(REAL_OUT)/pretrain,$(REAL_OUT)/sft,$(REAL_OUT)/grpo --heldout=$(REAL_DATA)/gsm8k/test.jsonl \
+		--val_text=$(REAL_DATA)/tinyshakespeare/input.txt --max_val_windows=16 --n_heldout=8 --k=0 --max_new_tokens=$(REAL_NEW) --out=$(REAL_OUT)/eval \
+		--device=$(DEVICE); \
+	$(P) report.py --out_dir=$(REAL_OUT); \
+	echo "make real finished in $$(( $$(date +%s) - start )) s; report: $(REAL_OUT)/report.md"; \
+	fi

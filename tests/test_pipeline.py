@@ -164,9 +164,10 @@ def test_corrupt_checkpoint(pretrained, tmp_path):
         common.load_checkpoint(str(stage))
 
 
-def test_wrong_stage_is_refused(pretrained, tmp_path):
+def test_wrong_stage_is_refused(tiny_data, pretrained, tmp_path):  # noqa: F811
     with pytest.raises(SystemExit, match="'pretrain' checkpoint; this stage needs"):
-        grpo.main(grpo.GRPOConfig(init_from=str(pretrained), out_dir=str(tmp_path / "g"), device="cpu"))
+        grpo.main(grpo.GRPOConfig(init_from=str(pretrained), data=f"{tiny_data}/rl.jsonl",
+                                  heldout=f"{tiny_data}/heldout.jsonl", out_dir=str(tmp_path / "g"), device="cpu"))
 
 
 def test_shards_of_another_tokenizer_are_refused(tiny_data, pretrained, tmp_path):  # noqa: F811

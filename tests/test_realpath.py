@@ -219,3 +219,82 @@ def test_sample_py_prompt_and_chat(pretrained, tiny_data, tmp_path):  # noqa: F8
                        read=read, write=shown.append)
     assert [m["role"] for m in hist] == ["user", "assistant", "user", "assistant"]
     assert sum(s.startswith("model> ") for s in shown) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The report: only panels with points, no empty sections
+
+def test_report_draws_only_what_was_logged(tmp_path):
+    import report
+    os.makedirs(tmp_path / "pretrain")
+    write_jsonl(tmp_path / "pretrain" / "metrics.jsonl",
+                [{"step": s, "loss": 5.0 / s, "grad_norm": 1.0 / s} for s in (1, 2, 3)] + [{"step": 3, "val_loss": 2.0}])
+    report.main(report.ReportConfig(out_dir=str(tmp_path)))
+    md = open(tmp_path / "report.md").read()
+    assert "report.png" in md and "##" not in md  # no eval table, no SFT report: no empty headings
+    m = {s: report.read_metrics(os.path.join(tmp_path, s, "metrics.jsonl")) for s in ("pretrain", "sft", "grpo")}
+    assert report.plot_curves(m, str(tmp_path / "p.png")) == 2  # pretrain loss + grad norm
+    os.makedirs(tmp_path / "grpo")
+    write_jsonl(tmp_path / "grpo" / "metrics.jsonl",
+                [{"step": 1, "reward": 0.1, "kl": 0.01, "response_len": 40, "frac_all_equal": 0.5, "frac_truncated": 0.2,
+                  "grad_norm": 0.3, "entropy": 1.0}, {"step": 1, "heldout_pass1": 12.5}])
+    with open(tmp_path / "eval.md", "w") as f:
+        f.write("| checkpoint | pass@1 (%) |\n|---|---:|\n| grpo (x, step 1) | 12.5 |\n")
+    m["grpo"] = report.read_metrics(os.path.join(tmp_path, "grpo", "metrics.jsonl"))
+    assert report.plot_curves(m, str(tmp_path / "p.png")) == 6  # + reward, KL, length, groups/cut-offs
+    report.main(report.ReportConfig(out_dir=str(tmp_path)))
+    assert "## Held-out evaluation\n\n| checkpoint" in open(tmp_path / "report.md").read()
+
+
+# ---------------------------------------------------------------------------------------------
+# A miniature of the README's real path, on files written here: text -> gate -> dedup -> tokenize ->
+# pretrain -> SFT (GSM8K rows) -> GRPO (GSM8K rows) -> eval (GSM8K held-out, plain-text val) -> report
+
+def _story(rng):
+    names, things = ["Lily", "Tom", "Ben", "Mia", "Sue", "Max"], ["ball", "kite", "cat", "box", "cake", "tree", "boat"]
+    moods, verbs = ["happy", "sad", "tired", "brave", "kind"], ["saw", "found", "lost", "wanted", "made", "painted"]
+    lines = []
+    for _ in range(rng.randint(4, 7)):
+        n, t = rng.choice(names), rng.choice(things)
+        lines.append(f"{n} {rng.choice(verbs)} a {rng.choice(moods)} {t} near the {rng.choice(things)} "
+                     f"and {rng.choice(verbs)} a {rng.choice(things)} with {rng.choice(names)} one {rng.choice(['day', 'night', 'morning'])}.")
+    return " ".join(lines[:3]) + "\n" + " ".join(lines[3:])
+
+
+def test_miniature_real_path(tmp_path):
+    import random
+    import subprocess
+    import sys
+
+    import report
+    rng = random.Random(0)
+    text = tmp_path / "stories.txt"
+    text.write_text("<|endoftext|>".join(_story(rng) for _ in range(150)))
+    gsm_train = [{"question": r["question"], "answer": r["answer"]} for r in tasks.make_split(48, 0, "train")]
+    gsm_test = [{"question": r["question"], "answer": r["answer"]} for r in tasks.make_split(6, 0, "heldout")]
+    train, test = write_jsonl(tmp_path / "train.jsonl", gsm_train), write_jsonl(tmp_path / "test.jsonl", gsm_test)
+    o = tmp_path / "real"
+
+    def cli(*argv):  # the README's commands, as a user runs them
+        subprocess.run([sys.executable, *argv], check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                       stdout=subprocess.DEVNULL)
+    cli("data.py", "gate", f"--inputs={text}", f"--out_dir={o}/gated", "--min_words=20")
+    cli("dedup.py", f"--inputs={o}/gated", f"--out_dir={o}/dedup", f"--evals={test}", "--workers=1")
+    cli("data.py", "tokenize", f"--inputs={o}/dedup", f"--out_dir={o}/data", "--vocab_size=300", "--val_every=10",
+        "--workers=1")
+    tiny = dict(n_layer=2, d_model=64, n_head=2, n_kv_head=1, d_ff=128)
+    pretrain.main(pretrain.PretrainConfig(model="cpu", **tiny, data_dir=f"{o}/data", out_dir=f"{o}/pretrain",
+                                          batch_size=4, seq_len=64, max_steps=3, warmup_steps=1, eval_interval=3,
+                                          eval_batches=1, sample_lines=1, sample_tokens=4, **CPU))
+    sft.main(sft.SFTConfig(init_from=f"{o}/pretrain", data=train, heldout=test, out_dir=f"{o}/sft", batch_size=16,
+                           n_eval=2, k=0, max_new_tokens=16, **CPU))
+    grpo.main(grpo.GRPOConfig(init_from=f"{o}/sft", data=train, heldout=test, out_dir=f"{o}/grpo", iterations=1,
+                              prompts_per_iter=2, group_size=2, max_new_tokens=16, n_eval=2, eval_interval=1, **CPU))
+    rows = evaluate.main(evaluate.EvalConfig(ckpts=f"{o}/pretrain,{o}/sft,{o}/grpo", heldout=test, val_text=str(text),
+                                             n_heldout=3, k=0, max_new_tokens=16, max_val_windows=4, out=f"{o}/eval",
+                                             **CPU))
+    assert [r["stage"] for r in rows] == ["pretrain", "sft", "grpo"] and all(r["n_heldout"] == 3 for r in rows)
+    assert all(r["bpb"] > 0 and r["truncated"] >= 0 for r in rows)
+    assert json.load(open(f"{o}/pretrain/ckpt/meta.json"))["model_config"]["d_model"] == 64  # the dials applied
+    report.main(report.ReportConfig(out_dir=str(o)))
+    assert "grpo (" in open(f"{o}/report.md").read()
