@@ -416,8 +416,9 @@ def read_jsonl(path, with_lines=False):
 # ----------------------------------------------------------------------------------------------
 # THE row loader of SFT, GRPO and eval, for training and held-out files alike.
 
-ROW_FORMATS = ('{"question", "answer"} (GSM8K: the answer ends in "#### N"), {"question", "target"}, or '
-               '{"messages": [{"role": "user"|"assistant"|"system", "content"}, ...]} (optionally with "target")')
+ROW_FORMATS = ('{"question", "answer"} (GSM8K: the answer ends in "#### N"), {"question", "target"}, '
+               '{"messages": [{"role": "user"|"assistant"|"system", "content"}, ...]} (optionally with "target"), '
+               'or a verifiers.py row with "kind"')
 
 
 def _example(row, need):
@@ -426,7 +427,9 @@ def _example(row, need):
     Example: {"messages": the whole conversation (system merged into the first user turn),
               "context": the turns before the last assistant turn (the prompt),
               "question": the last user turn's text, "answer": the last assistant turn's text or None,
-              "target": the reference answer (a normalized number as text) or None}.
+              "target": the reference answer (a normalized number as text) or None,
+              "kind": the verifier ("gsm8k" unless the row names another, see verifiers.py), "row": the raw row}.
+    Rows of another kind (code, math, ...) are checked by verifiers.check_row and keep target None.
     need: "answer" (SFT: something to train on), "target" (GRPO / held-out: something to check against)."""
     if not isinstance(row, dict):
         return f"is a JSON {type(row).__name__}, not an object"
@@ -454,13 +457,19 @@ def _example(row, need):
             return "the conversation has no user turn before its last assistant turn"
         target = row.get("target")
     else:
-        question, answer, target = row.get("question"), row.get("answer"), row.get("target")
+        question, answer, target = row.get("question", row.get("prompt")), row.get("answer"), row.get("target")
         if not isinstance(question, str) or not question.strip():
             return 'has no "question" text' + ("" if "question" in row else f" (fields: {', '.join(row) or 'none'})")
         if answer is not None and not isinstance(answer, str):
             return '"answer" must be text'
         msgs = [{"role": "user", "content": question}] + ([{"role": "assistant", "content": answer}] if answer else [])
         context = msgs[:1]
+    kind = row.get("kind", "gsm8k")
+    if kind != "gsm8k":  # another verifier's row (verifiers.py's RL row format): its checks, its reward
+        from verifiers import check_row
+        err = check_row(row) if need == "target" else (None if answer else 'has no "answer" to train on')
+        return err or {"messages": msgs, "context": context, "question": question, "answer": answer, "target": None,
+                       "kind": kind, "row": row}
     if target is not None:
         norm = extract_answer(f"#### {target}")
         if norm is None:
@@ -473,7 +482,8 @@ def _example(row, need):
     if need == "target" and target is None:
         return ('has no reference answer: needs "target", or an answer ending in "#### N"'
                 if answer is not None or "target" in row else 'has no "answer" or "target" to check against')
-    return {"messages": msgs, "context": context, "question": question, "answer": answer, "target": target}
+    return {"messages": msgs, "context": context, "question": question, "answer": answer, "target": target,
+            "kind": kind, "row": row}
 
 
 def load_examples(path, need, what="data", min_rows=1, min_flag=None, limit=0):

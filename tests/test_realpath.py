@@ -298,3 +298,14 @@ def test_miniature_real_path(tmp_path):
     assert json.load(open(f"{o}/pretrain/ckpt/meta.json"))["model_config"]["d_model"] == 64  # the dials applied
     report.main(report.ReportConfig(out_dir=str(o)))
     assert "grpo (" in open(f"{o}/report.md").read()
+
+
+def test_loader_passes_other_verifier_kinds_to_their_checks(tmp_path):
+    code_row = {"prompt": "Write f.", "kind": "code", "tests": {"type": "assert", "asserts": ["assert f() == 1"]}}
+    path = write_jsonl(tmp_path / "mix.jsonl", [QT, code_row])
+    qt, code = tasks.load_examples(path, "target")
+    assert (qt["kind"], code["kind"], code["question"], code["target"], code["row"]) == \
+        ("gsm8k", "code", "Write f.", None, code_row)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Write f.", "kind": "code"}])
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:1 a code row needs 'tests'"):
+        tasks.load_examples(bad, "target")
