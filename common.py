@@ -294,7 +294,8 @@ def set_threads():
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: the processes share the CPUs
     n = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() \
         else available_cpus() // max(1, local_ranks)
-    torch.set_num_threads(max(1, n))
+    n = max(1, n)
+    torch.set_num_threads(n)
     return n
 
 
