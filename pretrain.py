@@ -130,7 +130,7 @@ def sample_text(model, tok, cfg, device):
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     was_training = model.training
     model.eval()
-    outs = generate(model, [[tok.bos_id]] * cfg.sample_lines, n, stop_id=tok.bos_id, temperature=0.8, top_k=50,
+    outs = generate(model, [[tok.bos_id]] * cfg.sample_lines, n, stop_tokens=[tok.bos_id], temperature=0.8, top_k=50,
                     generator=gen)
     model.train(was_training)
     return [tok.decode(o).replace("\n", "⏎ ") for o in outs]

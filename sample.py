@@ -10,7 +10,7 @@ The checkpoint says its format: a pretrained one ("plain") continues the prompt 
 nanoGPT's sample.py does; an SFT/GRPO one ("chat") answers it as a user turn in its chat format
 (tasks.chat_messages_ids), and in --chat mode keeps the conversation (oldest turns are dropped when
 it no longer fits the context; '/reset' starts over, '/exit' or Ctrl-D ends). Sampling goes through
-the one sampling path (model.generate): temperature (0 = greedy), top-k, top-p.
+the one sampling path (engine.generate): temperature (0 = greedy), top-k, top-p.
 """
 import sys
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from common import load_checkpoint, log, parse_config, pick_device, pick_kernels, set_threads
-from model import generate
+from engine import generate
 from tasks import chat_messages_ids
 
 
@@ -57,7 +57,7 @@ def prompt_tokens(tok, fmt, messages_or_text):
 
 def sample(model, tok, prompt, cfg, stop_id, generator):
     """n_samples completions (token ids) of one prompt."""
-    return generate(model, [prompt] * cfg.n_samples, cfg.max_new_tokens, stop_id=stop_id,
+    return generate(model, [prompt] * cfg.n_samples, cfg.max_new_tokens, stop_tokens=[stop_id],
                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
 
 
