@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from common import (Metrics, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
-                    pick_device, pick_kernels, save_checkpoint, seed_everything)
+                    pick_device, pick_kernels, save_checkpoint, seed_everything, start_run)
 from eval import heldout_accuracy
 from model import generate
 from tasks import exact_match_reward, prompt_ids, read_jsonl
@@ -36,7 +36,10 @@ class GRPOConfig:
     data: str = "out/data/rl.jsonl"          # rows {"question", "target"} (or GSM8K {"question", "answer"})
     heldout: str = "out/data/heldout.jsonl"
     out_dir: str = "out/grpo"
-    resume: bool = False
+    resume: bool = False                     # continue this run from <out_dir>/ckpt, settings included
+    overwrite: bool = False                  # replace a previous run's checkpoints and metrics in out_dir
+    allow_config_change: bool = False        # on resume, apply flags that differ from the saved run's settings
+    keep_last: int = 2                       # checkpoints kept: ckpt/ plus the previous ones as ckpt-<step>/
     iterations: int = 40
     prompts_per_iter: int = 16
     group_size: int = 8
@@ -123,13 +126,14 @@ def target_of(row):
 
 
 def main(cfg):
+    run = start_run(cfg, "grpo")  # lock, no accidental overwrite, saved settings on --resume, SIGTERM/SIGINT
     device = pick_device(cfg.device)
     kernels = pick_kernels(cfg.kernels, device)
     seed_everything(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.group_size < 2:
         raise SystemExit("error: --group_size must be >= 2: advantages are relative to the other samples of a group")
-    src = cfg.out_dir if cfg.resume else cfg.init_from
+    src = run.ckpt if cfg.resume else cfg.init_from
     model, tok, meta, ckpt = load_checkpoint(src, device, expect_stage=["sft", "grpo"], kernels=kernels)
     ref = None
     ref_from = meta.get("ref_from", src) if cfg.resume else src  # the policy GRPO started from, kept across resumes
@@ -154,10 +158,14 @@ def main(cfg):
             tqdm.write(f"iter {it}: held-out pass@1 {acc['pass@1']:.1f}%")
             return acc["pass@1"]
 
+    def save(it):
+        save_checkpoint(cfg.out_dir, stage="grpo", step=it, model=model, tok=tok, train_cfg=cfg,
+                        optimizer=optimizer, extra={"fmt": "chat", "ref_from": ref_from})
+
     if start == 0:
         evaluate(0)
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo", dynamic_ncols=True)
-    for it in bar:
+    for it in run.loop(bar, save):
         t0 = time.time()
         # 1. sample: a fresh, seeded draw per iteration, so --resume needs no sampler state
         rng = random.Random(cfg.seed * 100003 + it)
@@ -191,11 +199,12 @@ def main(cfg):
                 loss, stats = grpo_loss(logp, old_logp[sl], advantages[sl], mask[sl], cfg.clip_eps,
                                         None if ref_logp is None else ref_logp[sl], cfg.kl_coef)
                 loss = loss * len(x[sl]) / n  # micro-batches add up to the mean over all sequences
-                check_finite(loss, it, os.path.join(cfg.out_dir, "ckpt"))
+                check_finite(loss, "the loss", it, cfg.out_dir)
                 loss.backward()
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v * len(x[sl]) / n
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            check_finite(gnorm, "the gradient norm", it, cfg.out_dir)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -207,9 +216,9 @@ def main(cfg):
         bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['response_len']:.0f}", eq=f"{all_equal:.2f}")
         if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.iterations:
             evaluate(it + 1)
-            save_checkpoint(cfg.out_dir, stage="grpo", step=it + 1, model=model, tok=tok, train_cfg=cfg,
-                            optimizer=optimizer, extra={"fmt": "chat", "ref_from": ref_from})
+            save(it + 1)
     bar.close()
+    run.close()
     log(f"grpo done: checkpoint in {os.path.join(cfg.out_dir, 'ckpt')}")
 
 
