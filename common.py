@@ -98,9 +98,32 @@ def given_keys(cfg):
     return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
 
 
+# --help text for the fields the stages share, used where a config's source has no comment beside the field
+COMMON_HELP = {
+    "out_dir": "where this stage writes (checkpoints, metrics.jsonl)", "init_from": "checkpoint (or stage dir) to start from",
+    "data": "training rows (JSONL)", "data_dir": "token shards + tokenizer.json (data.py / tasks.py output)",
+    "heldout": "held-out problems (JSONL) for the accuracy report", "batch_size": "sequences per optimizer step",
+    "seq_len": "tokens per training sequence", "grad_accum": "micro-batches accumulated per optimizer step",
+    "max_steps": "optimizer steps in all (a resumed run may raise it)", "epochs": "passes over the training rows",
+    "iterations": "GRPO iterations (sample, score, update) in all", "lr": "peak learning rate",
+    "min_lr": "learning rate at the end of the cosine decay", "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay (not on norms)", "beta2": "AdamW beta2", "grad_clip": "max gradient norm",
+    "eval_interval": "steps between evaluations", "eval_batches": "validation batches per evaluation",
+    "ckpt_interval": "steps between checkpoints", "log_interval": "steps between metrics lines",
+    "seed": "random seed", "device": "auto, cpu, cuda, cuda:N or mps", "kernels": "auto (Triton on CUDA), torch or triton",
+    "compile": "torch.compile the model", "prompts_per_iter": "problems drawn per iteration",
+    "group_size": "completions sampled per problem (the group of the advantages)",
+    "temperature": "sampling temperature", "top_p": "nucleus sampling mass (1 = off)",
+    "max_new_tokens": "longest completion sampled", "ppo_epochs": "optimizer steps per sampled batch",
+    "clip_eps": "PPO ratio clip range", "adv_eps": "added to the group std when normalizing advantages",
+    "n_eval": "held-out problems evaluated (0 = none)", "n_heldout": "held-out problems evaluated",
+    "vocab_size": "tokenizer vocabulary size, special tokens included",
+}
+
+
 def field_comments(cls):
     """{field: help} from `metadata={"help": ...}` or else the comment written beside the field in the source
-    (continued on following comment-only lines at the same column)."""
+    (continued on following comment-only lines at the same column). config_help falls back to COMMON_HELP."""
     out = {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if "help" in f.metadata}
     try:
         lines, _ = inspect.getsourcelines(cls)
@@ -137,7 +160,7 @@ def config_help(cfg):
     comments = field_comments(cls)
     show = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731  (copy-pastable true/false)
     rows = [(f"--{f.name}={show(getattr(cfg, f.name))}", f.type if isinstance(f.type, str) else f.type.__name__,
-             comments.get(f.name, "")) for f in dataclasses.fields(cfg)]
+             comments.get(f.name, COMMON_HELP.get(f.name, ""))) for f in dataclasses.fields(cfg)]
     width = max(len(r[0]) for r in rows)
     for opt, typ, text in rows:
         lines.append(f"  {opt:<{width}}  {typ:<5}  {text}".rstrip())

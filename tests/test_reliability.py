@@ -35,6 +35,8 @@ def test_help_lists_every_field_with_default_and_comment(cfg, capsys):
     assert comments, "every stage config has commented fields"
     for name, text in comments.items():
         assert lines[f"--{name}"].rstrip().endswith(text)
+    for f in dataclasses.fields(cfg):  # every field has a text: its own comment or the shared one
+        assert lines[f"--{f.name}"].rstrip().endswith(comments.get(f.name) or common.COMMON_HELP[f.name])
 
 
 def test_help_reads_the_comment_from_the_source():
