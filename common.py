@@ -362,13 +362,25 @@ def diverged(model, state):
         return f"non-finite weights ({len(bad)} tensors, e.g. {bad[0]})"
     was_training = model.training
     model.eval()
-    with autocast(next(model.parameters()).device):
-        logits = model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
+    device = next(model.parameters()).device
+    probe = torch.arange(min(8, model.cfg.vocab_size), device=device)[None]  # a few distinct tokens
+    with autocast(device):
+        logits = model(probe)
     model.train(was_training)
     if not torch.isfinite(logits).all() or logits.float().std() == 0:  # overflowed: NaN, or norms of inf -> all 0
         biggest = max(v.abs().max().item() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
-        return f"weights up to {biggest:.2g} whose outputs are not finite"
+        return f"weights up to {biggest:.2g} whose outputs are not finite (or all equal)"
     return None
+
+
+def check_model(model, step, out_dir):
+    """-> the state_dict, after stopping with one line if the weights diverged (see diverged)."""
+    state = model.state_dict()
+    why = diverged(model, state)
+    if why:
+        raise SystemExit(f"error: the model diverged by step {step} ({why}); not saved. The last good checkpoint: "
+                         f"{last_good_checkpoint(out_dir)}. Lower --lr.")
+    return state
 
 
 def checkpoint_step(path):
@@ -408,11 +420,7 @@ def save_checkpoint(out_dir, *, stage, step, model, tok, train_cfg, optimizer=No
     (between the two renames, find_checkpoint takes the newest ckpt-<step>/). Refuses non-finite weights: the
     good checkpoints stay as they are."""
     keep_last = keep_last or getattr(train_cfg, "keep_last", 2)
-    state = model.state_dict()
-    why = diverged(model, state)
-    if why:
-        raise SystemExit(f"error: the model diverged by step {step} ({why}); not saved. The last good checkpoint: "
-                         f"{last_good_checkpoint(out_dir)}. Lower --lr.")
+    state = check_model(model, step, out_dir)
     final = os.path.join(out_dir, "ckpt")
     tmp = final + ".tmp"
     try:

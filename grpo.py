@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from common import (Metrics, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
-                    pick_device, pick_kernels, save_checkpoint, seed_everything, start_run)
+                    pick_device, pick_kernels, save_checkpoint, seed_everything, start_run, check_model)
 from eval import heldout_accuracy
 from model import generate
 from tasks import exact_match_reward, prompt_ids, read_jsonl
@@ -207,6 +207,7 @@ def main(cfg):
             check_finite(gnorm, "the gradient norm", it, cfg.out_dir)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        check_model(model, it + 1, cfg.out_dir)  # a blown-up policy stops here, not in the next sampling
 
         all_equal = (rewards.max(1).values == rewards.min(1).values).float().mean().item()
         row = dict(step=it + 1, reward=rewards.mean().item(), accuracy=rewards.mean().item(),

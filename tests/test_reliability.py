@@ -256,6 +256,8 @@ def _poison(ckpt, value, stage=None):
     state = torch.load(ckpt / "model.pt", weights_only=True)
     if value is None:
         state = {k: v * 1e30 if v.dim() == 2 else v for k, v in state.items()}  # finite but blown up
+    elif value == "keep":
+        pass
     else:
         next(v for v in state.values() if v.is_floating_point())[0] = value
     torch.save(state, ckpt / "model.pt")
@@ -271,7 +273,7 @@ def test_grpo_and_eval_refuse_a_diverged_checkpoint(run6, tiny_data, tmp_path, v
     out = copy_run(run6, tmp_path / "bad")
     _poison(out / "ckpt", value, stage="sft")
     d = str(tiny_data)
-    with pytest.raises(SystemExit, match=r"holds (non-finite weights|weights up to .* whose outputs are not finite).*: "
+    with pytest.raises(SystemExit, match=r"holds (non-finite weights|weights up to .* whose outputs are not finite \(or all equal\)).*: "
                                          r"it diverged.*Use an older one: .*ckpt-4"):
         grpo.main(grpo.GRPOConfig(init_from=str(out), data=f"{d}/rl.jsonl", heldout=f"{d}/heldout.jsonl",
                                   out_dir=str(tmp_path / "g"), iterations=1, prompts_per_iter=2, group_size=2,
@@ -406,7 +408,7 @@ def test_resume_refuses_a_change_that_would_not_apply(run6, tiny_data, tmp_path,
 def test_grpo_resume_with_a_new_lr(run6, tiny_data, tmp_path):  # noqa: F811
     """Incident: a resumed GRPO run ignored a new --lr (the optimizer state restored the old one) but recorded it."""
     base = copy_run(run6, tmp_path / "sft")
-    _poison(base / "ckpt", 0.0, stage="sft")  # a finite edit; makes it an SFT checkpoint
+    _poison(base / "ckpt", "keep", stage="sft")  # relabelled as an SFT checkpoint
     d = str(tiny_data)
     g = dict(init_from=str(base), data=f"{d}/rl.jsonl", heldout=f"{d}/heldout.jsonl", out_dir=str(tmp_path / "g"),
              iterations=1, prompts_per_iter=2, group_size=2, max_new_tokens=4, n_eval=0, log_kl=False,
@@ -417,6 +419,20 @@ def test_grpo_resume_with_a_new_lr(run6, tiny_data, tmp_path):  # noqa: F811
     grpo.main(grpo.GRPOConfig(**{**g, "iterations": 2, "resume": True, "lr": 1e-3, "allow_config_change": True}))
     groups = torch.load(tmp_path / "g" / "ckpt" / "optim.pt", weights_only=True)["param_groups"]
     assert [x["lr"] for x in groups] == [1e-3]
+
+
+def test_grpo_with_an_absurd_lr_stops_with_one_line(run6, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """Incident: GRPO with an absurd learning rate saved weights of 2.5e36 and exited 0."""
+    # the tiny model earns no reward, so give the groups a learning signal: +1/-1 advantages
+    monkeypatch.setattr(grpo, "group_advantages", lambda r, *a, **k: torch.tensor([1.0, -1.0]).repeat(r.shape[0], 1))
+    base = copy_run(run6, tmp_path / "sft")
+    _poison(base / "ckpt", "keep", stage="sft")
+    d = str(tiny_data)
+    with pytest.raises(SystemExit, match=r"(diverged by step 1|is nan at step 1).*last good checkpoint: none in"):
+        grpo.main(grpo.GRPOConfig(init_from=str(base), data=f"{d}/rl.jsonl", out_dir=str(tmp_path / "g"), lr=1e30,
+                                  iterations=2, prompts_per_iter=2, group_size=2, max_new_tokens=4, n_eval=0,
+                                  log_kl=False, eval_interval=1, device="cpu", kernels="torch"))
+    assert not (tmp_path / "g" / "ckpt").exists()
 
 
 @pytest.mark.parametrize("damage,msg", [
