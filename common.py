@@ -118,6 +118,8 @@ COMMON_HELP = {
     "clip_eps": "PPO ratio clip range", "adv_eps": "added to the group std when normalizing advantages",
     "n_eval": "held-out problems evaluated (0 = none)", "n_heldout": "held-out problems evaluated",
     "vocab_size": "tokenizer vocabulary size, special tokens included",
+    "gradient_checkpointing": "recompute each block's activations in the backward (less memory, more compute)",
+    "micro_batch": "sequences per forward/backward",
 }
 
 
