@@ -2,7 +2,9 @@
 #   make demo   the whole pipeline on the embedded default (CPU or GPU, minutes)
 #   make test   the test suite
 # Variables: PY (python to build the venv from), TORCH (pip spec used only where torch is missing),
-#            OUT (where the demo writes), MODEL (preset), DEVICE (auto/cpu/cuda/mps), SEED (training seed).
+#            OUT (where the demo writes), MODEL (preset), DEVICE (auto/cpu/cuda/mps), SEED (training seed),
+#            OVERWRITE (true: a stage replaces a previous run of it in OUT, so `make demo` reruns from scratch;
+#            false: a stage refuses to, as the scripts do by default).
 
 PY     ?= python3
 TORCH  ?= torch==2.13.0
@@ -11,6 +13,7 @@ OUT    ?= out/demo
 MODEL  ?= tiny
 DEVICE ?= auto
 SEED   ?= 1337
+OVERWRITE ?= true
 P       = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 TSTAMP  = $(VENV)/.installed-test
@@ -37,15 +40,16 @@ demo-data: setup
 	$(P) tasks.py --out_dir=$(OUT)/data
 
 pretrain: setup
-	$(P) pretrain.py --model=$(MODEL) --data_dir=$(OUT)/data --out_dir=$(OUT)/pretrain --device=$(DEVICE) --seed=$(SEED)
+	$(P) pretrain.py --model=$(MODEL) --data_dir=$(OUT)/data --out_dir=$(OUT)/pretrain --device=$(DEVICE) --seed=$(SEED) \
+		--overwrite=$(OVERWRITE)
 
 sft: setup
 	$(P) sft.py --init_from=$(OUT)/pretrain --data=$(OUT)/data/sft.jsonl --heldout=$(OUT)/data/heldout.jsonl \
-		--out_dir=$(OUT)/sft --device=$(DEVICE) --seed=$(SEED)
+		--out_dir=$(OUT)/sft --device=$(DEVICE) --seed=$(SEED) --overwrite=$(OVERWRITE)
 
 grpo: setup
 	$(P) grpo.py --init_from=$(OUT)/sft --data=$(OUT)/data/rl.jsonl --heldout=$(OUT)/data/heldout.jsonl \
-		--out_dir=$(OUT)/grpo --device=$(DEVICE) --seed=$(SEED)
+		--out_dir=$(OUT)/grpo --device=$(DEVICE) --seed=$(SEED) --overwrite=$(OVERWRITE)
 
 eval: setup
 	$(P) eval.py --ckpts=$(OUT)/pretrain,$(OUT)/sft,$(OUT)/grpo --data_dir=$(OUT)/data --out=$(OUT)/eval \

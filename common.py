@@ -8,9 +8,17 @@ A checkpoint is a directory `<out_dir>/ckpt/`:
     meta.json       stage, step, model config, training config, tokenizer fingerprint, data position,
                     numpy/python RNG states
     tokenizer.json  the tokenizer
-It is written into `ckpt.tmp/` and then swapped in with renames, so a crash mid-write leaves the
-previous checkpoint whole (at worst as `ckpt.old/`, which load_checkpoint falls back to).
+`ckpt/` is the newest; the `keep_last - 1` before it stay beside it as `ckpt-<step>/` (same files), so a
+bad-but-finite update can be rolled back by hand. A checkpoint is written whole into `ckpt.tmp/` and then
+swapped in with renames, so a crash mid-write leaves the previous one whole; non-finite weights are never
+saved. Older layouts (`ckpt.old/`) still load.
+
+A training stage also gets, from `start_run`: a lock (`run.lock`) against a second run in its out_dir, a
+refusal to replace a previous run without --overwrite=true, the saved config restored on --resume=true
+(changes printed, the ones that cannot apply refused), and SIGTERM/SIGINT handling (checkpoint at the end
+of the step, then exit). See the README's "Reliability" section.
 """
+import atexit
 import contextlib
 import dataclasses
 import errno
@@ -21,9 +29,13 @@ import os
 import random
 import re
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 import tokenize
+import weakref
 
 import numpy as np
 import torch
@@ -68,23 +80,52 @@ def parse_config(cfg, argv=None):
             raise SystemExit(f"error: --{key} expects a {type(old).__name__}, got '{val}'")
         setattr(cfg, key, new)
         given.add(key)
-    cfg.__dict__["_given_keys"] = given
+    _GIVEN[id(cfg)] = (weakref.ref(cfg), given)
     validate_config(cfg)
     return cfg
+
+
+_GIVEN = {}  # id(cfg) -> (weak reference, keys given): kept off the instance, so copies and asdict stay plain
 
 
 def given_keys(cfg):
     """The fields the user set: those parse_config saw on the command line, or (a config built in Python)
     those that differ from the dataclass defaults."""
-    if "_given_keys" in cfg.__dict__:
-        return set(cfg.__dict__["_given_keys"])
+    ref, given = _GIVEN.get(id(cfg), (None, None))
+    if ref is not None and ref() is cfg:
+        return set(given)
     default = type(cfg)()
     return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
 
 
+# --help text for the fields the stages share, used where a config's source has no comment beside the field
+COMMON_HELP = {
+    "out_dir": "where this stage writes (checkpoints, metrics.jsonl)", "init_from": "checkpoint (or stage dir) to start from",
+    "data": "training rows (JSONL)", "data_dir": "token shards + tokenizer.json (data.py / tasks.py output)",
+    "heldout": "held-out problems (JSONL) for the accuracy report", "batch_size": "sequences per optimizer step",
+    "seq_len": "tokens per training sequence", "grad_accum": "micro-batches accumulated per optimizer step",
+    "max_steps": "optimizer steps in all (a resumed run may raise it)", "epochs": "passes over the training rows",
+    "iterations": "GRPO iterations (sample, score, update) in all", "lr": "peak learning rate",
+    "min_lr": "learning rate at the end of the cosine decay", "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay (not on norms)", "beta2": "AdamW beta2", "grad_clip": "max gradient norm",
+    "eval_interval": "steps between evaluations", "eval_batches": "validation batches per evaluation",
+    "ckpt_interval": "steps between checkpoints", "log_interval": "steps between metrics lines",
+    "seed": "random seed", "device": "auto, cpu, cuda, cuda:N or mps", "kernels": "auto (Triton on CUDA), torch or triton",
+    "compile": "torch.compile the model", "prompts_per_iter": "problems drawn per iteration",
+    "group_size": "completions sampled per problem (the group of the advantages)",
+    "temperature": "sampling temperature", "top_p": "nucleus sampling mass (1 = off)",
+    "max_new_tokens": "longest completion sampled", "ppo_epochs": "optimizer steps per sampled batch",
+    "clip_eps": "PPO ratio clip range", "adv_eps": "added to the group std when normalizing advantages",
+    "n_eval": "held-out problems evaluated (0 = none)", "n_heldout": "held-out problems evaluated",
+    "vocab_size": "tokenizer vocabulary size, special tokens included",
+    "gradient_checkpointing": "recompute each block's activations in the backward (less memory, more compute)",
+    "micro_batch": "sequences per forward/backward",
+}
+
+
 def field_comments(cls):
     """{field: help} from `metadata={"help": ...}` or else the comment written beside the field in the source
-    (continued on following comment-only lines at the same column)."""
+    (continued on following comment-only lines at the same column). config_help falls back to COMMON_HELP."""
     out = {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if "help" in f.metadata}
     try:
         lines, _ = inspect.getsourcelines(cls)
@@ -121,7 +162,7 @@ def config_help(cfg):
     comments = field_comments(cls)
     show = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731  (copy-pastable true/false)
     rows = [(f"--{f.name}={show(getattr(cfg, f.name))}", f.type if isinstance(f.type, str) else f.type.__name__,
-             comments.get(f.name, "")) for f in dataclasses.fields(cfg)]
+             comments.get(f.name, COMMON_HELP.get(f.name, ""))) for f in dataclasses.fields(cfg)]
     width = max(len(r[0]) for r in rows)
     for opt, typ, text in rows:
         lines.append(f"  {opt:<{width}}  {typ:<5}  {text}".rstrip())
@@ -374,50 +415,153 @@ class Metrics:
             f.write(json.dumps(row) + "\n")
 
 
-def check_finite(loss, step, ckpt_hint):
-    if not torch.isfinite(loss).all():
-        raise SystemExit(f"error: loss is {loss.item()} at step {step}. Lower --lr (or check the data); "
-                         f"nothing was saved after the last good checkpoint ({ckpt_hint}).")
-
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
-def save_checkpoint(out_dir, *, stage, step, model, tok, train_cfg, optimizer=None, extra=None, np_rng=None):
-    final = os.path.join(out_dir, "ckpt")
-    tmp, old = final + ".tmp", final + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optim.pt"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, os.path.join(tmp, "rng.pt"))
-    cfg = dataclasses.asdict(model.cfg)
-    cfg.pop("kernels")
-    meta = {"stage": stage, "step": step, "model_config": cfg, "train_config": dataclasses.asdict(train_cfg),
-            "tokenizer": tok.fingerprint, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "numpy_rng": np_rng.bit_generator.state if np_rng is not None else None,
-            "python_rng": _jsonable(random.getstate()), **(extra or {})}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1, default=str)
-    tok.save(os.path.join(tmp, "tokenizer.json"))
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
-    if os.path.exists(final):  # else a crash left only ckpt.old: keep it until the new one is in place
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    dir_fd = os.open(out_dir, os.O_RDONLY)  # make the renames durable
+CKPT_RE = re.compile(r"ckpt(-\d+|\.old|\.tmp)?")
+
+
+def check_finite(value, what, step, out_dir):
+    """Stop before anything non-finite can reach a checkpoint: one line naming the step and the good checkpoint."""
+    v = torch.as_tensor(value)
+    if not torch.isfinite(v).all():
+        raise SystemExit(f"error: {what} is {v.float().sum().item()} at step {step}. Lower --lr (or check the data); "
+                         f"nothing was saved from this step on. The last good checkpoint: {last_good_checkpoint(out_dir)}.")
+
+
+def nonfinite_tensors(state):
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+@torch.no_grad()
+def diverged(model, state):
+    """Why these weights are unusable, or None: non-finite tensors, or finite weights so large (a blown-up update,
+    e.g. 2.5e36) that the logits of a one-token probe are not finite (or, the norms having overflowed, constant)."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        return f"non-finite weights ({len(bad)} tensors, e.g. {bad[0]})"
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    probe = torch.arange(min(8, model.cfg.vocab_size), device=device)[None]  # a few distinct tokens
+    with autocast(device):
+        logits = model(probe)
+    model.train(was_training)
+    if not torch.isfinite(logits).all() or logits.float().std() == 0:  # overflowed: NaN, or norms of inf -> all 0
+        biggest = max(v.abs().max().item() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+        return f"weights up to {biggest:.2g} whose outputs are not finite (or all equal)"
+    return None
+
+
+def check_model(model, step, out_dir):
+    """-> the state_dict, after stopping with one line if the weights diverged (see diverged)."""
+    state = model.state_dict()
+    why = diverged(model, state)
+    if why:
+        raise SystemExit(f"error: the model diverged by step {step} ({why}); not saved. The last good checkpoint: "
+                         f"{last_good_checkpoint(out_dir)}. Lower --lr.")
+    return state
+
+
+def checkpoint_step(path):
+    """The step of the checkpoint find_checkpoint would pick in `path`, or None."""
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    shutil.rmtree(old, ignore_errors=True)
+        return read_meta(find_checkpoint(path)).get("step")
+    except SystemExit:
+        return None
+
+
+def last_good_checkpoint(out_dir):
+    """For messages: 'out/pretrain/ckpt (step 400)', or a sentence saying there is none."""
+    try:
+        ckpt = find_checkpoint(out_dir)
+        return f"{ckpt} (step {read_meta(ckpt).get('step')})"
+    except SystemExit:
+        return f"none in {out_dir} (the run had not saved one yet)"
+
+
+def checkpoint_history(out_dir):
+    """[(step, path)] of the older checkpoints `ckpt-<step>/` in out_dir, newest (highest step) last."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = []
+    for n in os.listdir(out_dir):
+        m = re.fullmatch(r"ckpt-(\d+)", n)
+        if m and os.path.exists(os.path.join(out_dir, n, "meta.json")):
+            found.append((int(m.group(1)), os.path.join(out_dir, n)))
+    return sorted(found)
+
+
+def save_checkpoint(out_dir, *, stage, step, model, tok, train_cfg, optimizer=None, extra=None, np_rng=None,
+                    keep_last=None):
+    """Write <out_dir>/ckpt/ (the newest) and keep the previous ones as <out_dir>/ckpt-<step>/, `keep_last` in all
+    (default: train_cfg.keep_last, else 2). The new one is written whole into ckpt.tmp/ first; then the current
+    ckpt/ is renamed to ckpt-<its step>/ and ckpt.tmp/ to ckpt/, so at every instant a whole checkpoint is on disk
+    (between the two renames, find_checkpoint takes the newest ckpt-<step>/). Refuses non-finite weights: the
+    good checkpoints stay as they are."""
+    keep_last = keep_last or getattr(train_cfg, "keep_last", 2)
+    state = check_model(model, step, out_dir)
+    final = os.path.join(out_dir, "ckpt")
+    tmp = final + ".tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save(state, os.path.join(tmp, "model.pt"))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optim.pt"))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, os.path.join(tmp, "rng.pt"))
+        cfg = dataclasses.asdict(model.cfg)
+        cfg.pop("kernels")
+        meta = {"stage": stage, "step": step, "model_config": cfg, "train_config": dataclasses.asdict(train_cfg),
+                "tokenizer": tok.fingerprint, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "numpy_rng": np_rng.bit_generator.state if np_rng is not None else None,
+                "python_rng": _jsonable(random.getstate()), **(extra or {})}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+        tok.save(os.path.join(tmp, "tokenizer.json"))
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if _is_enospc(e):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SystemExit(f"error: disk full (ENOSPC) while saving the step-{step} checkpoint in {tmp}; it was "
+                             f"removed. The last good checkpoint: {last_good_checkpoint(out_dir)}. Free some space "
+                             f"and resume with --resume=true.") from e
+        raise
+    if os.path.exists(os.path.join(final, "meta.json")):
+        prev_step = read_meta(final).get("step")
+        prev = os.path.join(out_dir, f"ckpt-{prev_step}") if prev_step != step and keep_last > 1 else final + ".old"
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(final, prev)
+    elif os.path.exists(final):  # a leftover without meta.json is not a checkpoint
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(out_dir)  # make the renames durable
+    shutil.rmtree(final + ".old", ignore_errors=True)
+    history = checkpoint_history(out_dir)  # prune: keep the keep_last - 1 highest steps beside ckpt/
+    for _, path in history[:max(0, len(history) - (keep_last - 1))]:
+        shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def update_checkpoint_meta(ckpt, **fields):
+    """Add fields to a written checkpoint's meta.json (atomically), e.g. a report computed after saving."""
+    meta = read_meta(ckpt)
+    meta.update(fields)
+    atomic_write(os.path.join(ckpt, "meta.json"), meta)
+
+
+def _is_enospc(e):
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _jsonable(x):
@@ -428,21 +572,48 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
-def find_checkpoint(path):
-    """Accept a stage directory (with ckpt/ inside) or a ckpt directory itself."""
-    for cand in (os.path.join(path, "ckpt"), path, os.path.join(path, "ckpt.old")):
+def find_checkpoint(path, hint="Run the previous stage first, or pass its --out_dir as --init_from."):
+    """Accept a stage directory (with ckpt/ inside) or a ckpt directory itself. Falls back to the newest
+    ckpt-<step>/ (a crash between save_checkpoint's two renames) and the older layout's ckpt.old/."""
+    for cand in (os.path.join(path, "ckpt"), path):
         if os.path.exists(os.path.join(cand, "meta.json")):
             return cand
-    raise SystemExit(f"error: no checkpoint at {path} (expected {path}/ckpt/meta.json). "
-                     f"Run the previous stage first, or pass its --out_dir as --init_from.")
+    history = checkpoint_history(path)
+    if history:
+        return history[-1][1]
+    old = os.path.join(path, "ckpt.old")
+    if os.path.exists(os.path.join(old, "meta.json")):
+        return old
+    raise SystemExit(f"error: no checkpoint at {path} (expected {path}/ckpt/meta.json). {hint}")
+
+
+META_SHAPE = {"stage": str, "step": int, "model_config": dict, "tokenizer": str}
+
+
+def read_meta(ckpt):
+    """A checkpoint's meta.json, checked for the fields every reader needs; one line if it is damaged."""
+    path = os.path.join(ckpt, "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path} is unreadable ({type(e).__name__}: {str(e)[:100]}). Use another checkpoint "
+                         f"(e.g. an older ckpt-<step>/ beside it) or re-run the stage that wrote it.")
+    if not isinstance(meta, dict):
+        raise SystemExit(f"error: {path} is not a checkpoint's meta.json (a JSON {type(meta).__name__}, expected an "
+                         f"object). Use another checkpoint or re-run the stage that wrote it.")
+    for key, typ in META_SHAPE.items():
+        if not isinstance(meta.get(key), typ) or (typ is int and isinstance(meta.get(key), bool)):
+            raise SystemExit(f"error: {path} has no valid '{key}' (expected a {typ.__name__}, found "
+                             f"{meta.get(key)!r}). Use another checkpoint or re-run the stage that wrote it.")
+    return meta
 
 
 def load_checkpoint(path, device="cpu", expect_stage=None, kernels="torch"):
-    """-> (model, tokenizer, meta, ckpt_dir). Ends with one clear line on anything wrong."""
+    """-> (model, tokenizer, meta, ckpt_dir). Ends with one clear line on anything wrong, non-finite weights included."""
     ckpt = find_checkpoint(path)
+    meta = read_meta(ckpt)
     try:
-        with open(os.path.join(ckpt, "meta.json")) as f:
-            meta = json.load(f)
         with open(os.path.join(ckpt, "tokenizer.json")) as f:
             tok = tokenizer_from_json(f.read())
         state = torch.load(os.path.join(ckpt, "model.pt"), map_location=device, weights_only=True)
@@ -458,25 +629,279 @@ def load_checkpoint(path, device="cpu", expect_stage=None, kernels="torch"):
     if meta.get("tokenizer") != tok.fingerprint:
         raise SystemExit(f"error: checkpoint {ckpt} names tokenizer {meta.get('tokenizer')} but carries "
                          f"{tok.fingerprint}; the checkpoint is inconsistent, re-run the stage that wrote it.")
-    cfg = ModelConfig(**meta["model_config"], kernels=kernels)
+    try:
+        cfg = ModelConfig(**meta["model_config"], kernels=kernels)
+    except TypeError as e:
+        raise SystemExit(f"error: {ckpt}/meta.json has a model_config this code cannot build ({e})")
     try:  # the loaded tensors become the parameters: no second copy, dtype kept (an import's bf16 stays bf16)
         model = GPT.from_state_dict(cfg, state)
     except RuntimeError as e:
         raise SystemExit(f"error: weights in {ckpt} do not fit its model config ({str(e)[:160]})")
-    return model.to(device), tok, meta, ckpt
+    model = model.to(device)
+    why = diverged(model, state)
+    if why:
+        older = [p for _, p in checkpoint_history(os.path.dirname(os.path.abspath(ckpt))) if p != ckpt]
+        raise SystemExit(f"error: checkpoint {ckpt} holds {why}: it diverged and cannot be sampled from or trained. "
+                         + (f"Use an older one: {', '.join(older)}." if older else "Re-run its stage with a lower --lr."))
+    return model, tok, meta, ckpt
 
 
 def load_training_state(ckpt, optimizer, np_rng=None):
-    """Restore optimizer and RNG states for --resume."""
-    meta = json.load(open(os.path.join(ckpt, "meta.json")))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optim.pt"), weights_only=True))
-    rng = torch.load(os.path.join(ckpt, "rng.pt"), weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    if np_rng is not None and meta.get("numpy_rng"):
-        np_rng.bit_generator.state = meta["numpy_rng"]
-    if meta.get("python_rng"):
-        random.setstate(_tuplify(meta["python_rng"]))
+    """Restore optimizer and RNG states for --resume. The optimizer's hyperparameters (lr, weight decay, betas) stay
+    those it was built with from the config: a change --allow_config_change let through applies."""
+    meta = read_meta(ckpt)
+    built = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else []
+    for name in (["optim.pt"] if optimizer is not None else []) + ["rng.pt"]:
+        path = os.path.join(ckpt, name)
+        try:
+            state = torch.load(path, weights_only=True)
+            if name == "optim.pt":
+                optimizer.load_state_dict(state)
+            else:
+                torch.set_rng_state(state["torch"])
+                if "cuda" in state and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(state["cuda"])
+        except FileNotFoundError:
+            raise SystemExit(f"error: {path} is missing, so this run cannot resume exactly. Start a new run from its "
+                             f"weights with --init_from={ckpt} (in another --out_dir), or resume from an older ckpt-<step>/.")
+        except Exception as e:
+            raise SystemExit(f"error: {path} is damaged ({type(e).__name__}: {str(e)[:100]}), so this run cannot resume "
+                             f"exactly. Start a new run from its weights with --init_from={ckpt} (in another "
+                             f"--out_dir), or resume from an older ckpt-<step>/.")
+    for g, h in zip(optimizer.param_groups if optimizer else [], built):
+        g.update({k: v for k, v in h.items() if k in ("lr", "weight_decay", "betas", "eps")})
+    try:
+        if np_rng is not None and meta.get("numpy_rng"):
+            np_rng.bit_generator.state = meta["numpy_rng"]
+        if meta.get("python_rng"):
+            random.setstate(_tuplify(meta["python_rng"]))
+    except (TypeError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {ckpt}/meta.json holds damaged RNG states ({type(e).__name__}: {str(e)[:80]}); "
+                         f"resume from an older ckpt-<step>/ or start anew with --init_from={ckpt}.")
     return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# A training run's guard: no accidental overwrite, one run per out_dir, pre-emption, resume checks.
+# Each stage script calls `run = start_run(cfg, stage)` at the top of main, iterates `run.loop(steps, save)`
+# and calls `run.close()` at the end; the mechanism is all here.
+
+# On resume, a flag that differs from the saved run is printed; these fields may change freely (how long,
+# how often to log/evaluate/save, on which hardware), a change to any other field is refused unless
+# --allow_config_change=true (then it applies: optimizer settings are re-applied after the optimizer state
+# loads), and a change to these can never apply: a resumed run's weights are its own checkpoint's.
+FREE_ON_RESUME = {"max_steps", "iterations", "device", "kernels", "compile", "peak_tflops", "keep_last", "out_dir",
+                  "resume", "overwrite", "allow_config_change", "heldout", "n_eval", "n_heldout", "k",
+                  "eval_batches"}
+NEVER_ON_RESUME = {"model", "init_from", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len",
+                   "vocab_size"}
+LOCK_NAME = "run.lock"
+
+
+class StopRequested(SystemExit):
+    """Raised (from Run.loop) after a signal's checkpoint was saved: exits with 128 + the signal number."""
+
+
+class Run:
+    """What start_run sets up for one training run in `out_dir`: the lock, the signal handlers, and
+    `ckpt` (the checkpoint to resume from, or None)."""
+
+    def __init__(self, cfg, stage, ckpt):
+        self.cfg, self.stage, self.ckpt, self.out_dir = cfg, stage, ckpt, cfg.out_dir
+        self.rank = int(os.environ.get("RANK", "0"))  # under torchrun rank 0 owns out_dir (lock, saves, messages)
+        self.signal = None          # the first SIGTERM/SIGINT received
+        self.in_loop = False        # inside run.loop: defer the stop to the end of the current step
+        self._old_handlers = {}
+        self._lock = None
+
+    # -- signals: the first one stops at the end of the current step (with a checkpoint), the second at once
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal is not None or not self.in_loop:
+            log(f"\n{name}: exiting now, without saving. The last checkpoint: {last_good_checkpoint(self.out_dir)}")
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.signal = signum
+        log(f"\n{name}: saving a checkpoint at the end of this step, then exiting (send it again to exit at once)")
+
+    def loop(self, steps, save):
+        """Yields the steps; after a step during which a signal arrived, saves (save(step + 1), unless that
+        step was just saved) and exits with a message saying how to resume."""
+        self.in_loop = True
+        try:
+            for step in steps:
+                yield step
+                if self._stop_everywhere():
+                    if self.rank == 0 and checkpoint_step(self.out_dir) != step + 1:
+                        save(step + 1)
+                    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") \
+                        else f"{self.stage}.py"
+                    signum = self.signal or signal.SIGTERM  # a rank that got none stops with the others
+                    if self.rank == 0:
+                        log(f"stopped by {signal.Signals(signum).name} after step {step + 1}; checkpoint "
+                            f"{last_good_checkpoint(self.out_dir)}. Resume with: python {script} "
+                            f"--out_dir={self.out_dir} --resume=true   (the saved settings are restored)")
+                    self.close()
+                    raise StopRequested(128 + signum)
+        finally:
+            self.in_loop = False
+
+    def _stop_everywhere(self):
+        """Whether any rank got a signal (all ranks must stop after the same step, or the others would wait in
+        the next collective): one tiny all-reduce per step under torchrun, nothing otherwise."""
+        stop = self.signal is not None
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dev = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([float(stop)], device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = flag.item() > 0
+        return stop
+
+    def close(self):
+        """Restore the signal handlers and release the lock (also done at exit, and by a later run of this process)."""
+        for signum, h in self._old_handlers.items():
+            signal.signal(signum, h)
+        self._old_handlers = {}
+        release_lock(self.out_dir, self._lock)
+        self._lock = None
+
+
+def start_run(cfg, stage):
+    """Everything a training stage does before it loads anything:
+    - validates the config (one line per bad value);
+    - takes the lock `<out_dir>/run.lock` (owner's pid and host; a lock whose process is gone is stale and replaced);
+    - fresh run: refuses an out_dir that holds a checkpoint or metrics unless --overwrite=true (then deletes them);
+    - --resume=true: finds the checkpoint, restores the saved training config for every flag not given, prints the
+      flags that differ, refuses a change that would not apply (see FREE_ON_RESUME / NEVER_ON_RESUME);
+    - installs the SIGTERM/SIGINT handlers (see Run.loop)."""
+    validate_config(cfg)
+    out = cfg.out_dir
+    os.makedirs(out, exist_ok=True)
+    run = Run(cfg, stage, None)
+    try:
+        if run.rank == 0:
+            run._lock = acquire_lock(out)
+        if getattr(cfg, "resume", False):
+            run.ckpt = find_checkpoint(out, hint="Nothing to resume: drop --resume=true to start a fresh run.")
+            restore_config(cfg, read_meta(run.ckpt), stage)
+        else:
+            existing = previous_run_files(out) if run.rank == 0 else []
+            if existing and not getattr(cfg, "overwrite", False):
+                raise SystemExit(f"error: {out} already holds a run ({', '.join(existing)}). Pass --resume=true to "
+                                 f"continue it, --overwrite=true to replace it, or choose another --out_dir.")
+            for name in existing:
+                p = os.path.join(out, name)
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    except BaseException:
+        run.close()
+        raise
+    if threading.current_thread() is threading.main_thread():
+        for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+            old = signal.signal(signum, run._handle)
+            # a handler left by an earlier run of this process that ended in an exception is not restored
+            run._old_handlers[signum] = default if isinstance(getattr(old, "__self__", None), Run) else old
+    return run
+
+
+def previous_run_files(out_dir):
+    """What a fresh run in out_dir would replace: checkpoints (any layout) and metrics."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(n for n in os.listdir(out_dir) if n == "metrics.jsonl" or CKPT_RE.fullmatch(n))
+
+
+def restore_config(cfg, meta, stage):
+    """Resume: fields not given on the command line take the saved run's values; given ones that differ are
+    printed and checked (FREE_ON_RESUME, NEVER_ON_RESUME, --allow_config_change)."""
+    saved = meta.get("train_config")
+    if not isinstance(saved, dict):
+        return
+    given = given_keys(cfg)
+    changed = []
+    for f in dataclasses.fields(cfg):
+        if f.name not in saved or f.name in ("resume", "overwrite", "allow_config_change", "out_dir"):
+            continue
+        cur, old = getattr(cfg, f.name), saved[f.name]
+        if f.name not in given:
+            if isinstance(cur, float) and isinstance(old, int) and not isinstance(old, bool):
+                old = float(old)
+            setattr(cfg, f.name, old)
+        elif cur != old:
+            changed.append((f.name, old, cur))
+    if changed:
+        log("resume: changed from the saved run: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changed))
+    never = [c for c in changed if c[0] in NEVER_ON_RESUME]
+    if never:
+        k, o, n = never[0]
+        raise SystemExit(f"error: --{k}={n} cannot apply to a resumed run (it was {o!r}): a resumed run continues "
+                         f"from its own checkpoint. Drop the flag, or start a new run in another --out_dir.")
+    fixed = [c for c in changed if c[0] not in FREE_ON_RESUME and not c[0].endswith("_interval")]
+    if fixed and not getattr(cfg, "allow_config_change", False):
+        names = ", ".join(f"--{k} ({o!r} -> {n!r})" for k, o, n in fixed)
+        raise SystemExit(f"error: resuming with changed {names}: the run was trained with the saved values. "
+                         f"Drop the flag(s) to continue as saved, or pass --allow_config_change=true to apply them.")
+    validate_config(cfg)
+
+
+# -- the lock
+
+def acquire_lock(out_dir):
+    """Create <out_dir>/run.lock exclusively, holding {"pid", "host", "argv", "started"}. An existing lock of a
+    live process on this host refuses the run; of a dead one (or of this very process: an earlier run in it
+    ended by an exception) it is stale and replaced."""
+    path = os.path.join(out_dir, LOCK_NAME)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv, "started": time.strftime("%F %T"),
+          "token": os.urandom(8).hex()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = json.load(f)
+                pid, host = int(owner["pid"]), owner.get("host")
+            except (OSError, ValueError, KeyError, TypeError):
+                owner, pid, host = {}, None, None  # unreadable (a crash while writing it): stale
+            if pid is not None and pid != os.getpid():
+                if host != socket.gethostname():
+                    raise SystemExit(f"error: {out_dir} is locked by pid {pid} on host {host} ({path}). If no run is "
+                                     f"using it there, delete {path}.")
+                if _pid_alive(pid):
+                    raise SystemExit(f"error: another run (pid {pid}, started {owner.get('started')}) is using "
+                                     f"{out_dir}. Wait for it, stop it, or choose another --out_dir.")
+            if pid != os.getpid():
+                log(f"note: removing a stale lock {path} (pid {pid} is gone)")
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(release_lock, out_dir, me)
+        return me
+    raise SystemExit(f"error: could not take the lock {path}; another run may be starting in {out_dir}")
+
+
+def release_lock(out_dir, me):
+    """Remove the lock if it is still ours."""
+    if me is None:
+        return
+    path = os.path.join(out_dir, LOCK_NAME)
+    try:
+        with open(path) as f:
+            owner = json.load(f)
+        if owner.get("token") == me["token"]:
+            os.remove(path)
+    except (OSError, ValueError):
+        pass
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -46,8 +46,8 @@ import torch
 from tqdm import tqdm
 
 from common import (Metrics, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
-                    pick_device, pick_kernels, save_checkpoint, seed_everything,
-                    set_threads)
+                    pick_device, pick_kernels, save_checkpoint, seed_everything, set_threads, start_run,
+                    check_model)
 from eval import heldout_accuracy
 from engine import Engine, stop_tokens_for
 from model import output_logprobs
@@ -60,7 +60,10 @@ class GRPOConfig:
     data: str = "out/data/rl.jsonl"          # rows {"question", "target"} (or GSM8K {"question", "answer"})
     heldout: str = "out/data/heldout.jsonl"
     out_dir: str = "out/grpo"
-    resume: bool = False
+    resume: bool = False                     # continue this run from <out_dir>/ckpt, settings included
+    overwrite: bool = False                  # replace a previous run's checkpoints and metrics in out_dir
+    allow_config_change: bool = False        # on resume, apply flags that differ from the saved run's settings
+    keep_last: int = 2                       # checkpoints kept: ckpt/ plus the previous ones as ckpt-<step>/
     recipe: str = ""                         # preset: grpo|dapo|dr_grpo|prorl|openrs|mgpo (RECIPES); flags override
     iterations: int = 40
     prompts_per_iter: int = 16
@@ -549,16 +552,17 @@ def train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it):
             loss, stats = grpo_loss(logp, old_logp[sl], advantages[sl], mask[sl], cfg.epsilon, cfg.epsilon_high,
                                     None if ref_logp is None else ref_logp[sl], cfg.beta, cfg.loss_type,
                                     cfg.importance_sampling_level, budget, num_sequences, num_tokens)
-            check_finite(loss, it, os.path.join(cfg.out_dir, "ckpt"))
+            check_finite(loss, "the loss", it, cfg.out_dir)
             loss.backward()
             share = float(mask[sl].sum()) / max(num_tokens, 1) / cfg.num_iterations
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v * share
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        check_finite(gnorm, "the gradient norm", it, cfg.out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     lengths = [len(c) for c in batch["completions"]]
-    row = dict(reward=rewards.mean().item(), accuracy=correct.float().mean().item(),
+    row = dict(reward=rewards.mean().item(), accuracy=correct.float().mean().item(), grad_norm=gnorm.item(),
                response_len=sum(lengths) / len(lengths), truncated=sum(batch["truncated"]) / len(lengths),
                max_new_tokens=budget, adv_abs=advantages.abs().mean().item(), **stats_sum)
     if cfg.mgpo_lambda > 0:
@@ -585,6 +589,7 @@ def load_pools(cfg):
 # ----------------------------------------------------------------------------------------------
 
 def main(cfg):
+    run = start_run(cfg, "grpo")  # lock, no accidental overwrite, saved settings on --resume, SIGTERM/SIGINT
     check_config(cfg)
     set_threads()
     device = pick_device(cfg.device)
@@ -594,7 +599,7 @@ def main(cfg):
     pools = load_pools(cfg)
     problems = load_examples(cfg.heldout, "target", "held-out", limit=cfg.n_eval) if cfg.n_eval > 0 else []
     os.makedirs(cfg.out_dir, exist_ok=True)
-    src = cfg.out_dir if cfg.resume else cfg.init_from
+    src = run.ckpt if cfg.resume else cfg.init_from
     model, tok, meta, ckpt = load_checkpoint(src, device, expect_stage=["sft", "grpo", "import"], kernels=kernels)
     # the reference: the policy GRPO started from, or the last hard reset's snapshot; kept across resumes
     ref_from = meta.get("ref_from", src) if cfg.resume else src
@@ -661,10 +666,15 @@ def main(cfg):
         tqdm.write(f"iter {it}: hard reset of the reference{' and the optimizer' if cfg.reset_optimizer else ''} "
                    f"({why})")
 
+    def save(it):
+        save_checkpoint(cfg.out_dir, stage="grpo", step=it, model=model, tok=tok, train_cfg=cfg,
+                        optimizer=optimizer, extra={"fmt": "chat", "ref_from": ref_from, "resets": resets,
+                                                    "best_pass1": best, "evals_since_best": stale})
+
     if start == 0:
         best = evaluate(0)
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo", dynamic_ncols=True)
-    for it in bar:
+    for it in run.loop(bar, save):
         t0 = time.time()
         budget = response_budget(cfg, it)
         # 1-2. sample groups (dynamic sampling: informative ones only) and score them
@@ -674,6 +684,7 @@ def main(cfg):
             tqdm.write(f"iter {it}: no informative group in {row.get('ds_rounds', 1)} rounds; no update")
         else:
             row.update(train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it))
+            check_model(model, it + 1, cfg.out_dir)  # a blown-up policy stops here, not in the next sampling
             metrics.write(step=it + 1, seconds=time.time() - t0, **row)
             bar.set_postfix(acc=f"{row['accuracy']:.3f}", len=f"{row['response_len']:.0f}",
                             eq=f"{row['frac_all_equal']:.2f}")
@@ -690,10 +701,9 @@ def main(cfg):
                     if stale >= cfg.ref_reset_patience and done < cfg.iterations:
                         reset(done, f"held-out pass@1 not above {best:.1f}% for {stale} evaluations")
                         stale = 0
-            save_checkpoint(cfg.out_dir, stage="grpo", step=done, model=model, tok=tok, train_cfg=cfg,
-                            optimizer=optimizer, extra={"fmt": "chat", "ref_from": ref_from, "resets": resets,
-                                                        "best_pass1": best, "evals_since_best": stale})
+            save(done)
     bar.close()
+    run.close()
     log(f"grpo done: checkpoint in {os.path.join(cfg.out_dir, 'ckpt')}")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from common import (Metrics, autocast, check_finite, init_distributed, load_checkpoint, load_training_state, log,
-                    parse_config, pick_kernels, progress, save_checkpoint, seed_everything, set_threads)
+                    parse_config, pick_kernels, progress, save_checkpoint, seed_everything, set_threads, start_run)
 from engine import generate
 from memory import auto_micro_batch
 from shards import load_shards, sample_batch
@@ -39,7 +39,10 @@ class PretrainConfig:
     data_dir: str = "out/data"     # token shards + tokenizer.json
     out_dir: str = "out/pretrain"
     init_from: str = ""            # continue from another checkpoint's weights (new optimizer)
-    resume: bool = False           # continue this run from <out_dir>/ckpt, optimizer and data position included
+    resume: bool = False           # continue this run from <out_dir>/ckpt, optimizer, data position and settings included
+    overwrite: bool = False        # replace a previous run's checkpoints and metrics in out_dir
+    allow_config_change: bool = False  # on resume, apply flags that differ from the saved run's settings
+    keep_last: int = 2             # checkpoints kept: ckpt/ plus the previous ones as ckpt-<step>/
     batch_size: int = 32           # sequences per micro-batch (per rank)
     seq_len: int = 128
     grad_accum: int = 1            # micro-batches per step; global batch = batch_size x grad_accum x ranks
@@ -137,6 +140,7 @@ def sample_text(model, tok, cfg, device):
 
 
 def main(cfg):
+    run = start_run(cfg, "pretrain")  # lock, no accidental overwrite, saved settings on --resume, SIGTERM/SIGINT
     set_threads()
     # under torchrun: one process per GPU, each with the whole model (DDP); rank 0 logs and saves
     rank, world, device = init_distributed(cfg.device)
@@ -147,7 +151,7 @@ def main(cfg):
     start_step = 0
 
     if cfg.resume:
-        model, tok, meta, ckpt = load_checkpoint(cfg.out_dir, device, expect_stage=["pretrain"], kernels=kernels)
+        model, tok, meta, ckpt = load_checkpoint(run.ckpt, device, expect_stage=["pretrain"], kernels=kernels)
     elif cfg.init_from:
         model, tok, meta, ckpt = load_checkpoint(cfg.init_from, device, kernels=kernels)
     else:
@@ -184,8 +188,6 @@ def main(cfg):
         log(f"pretrain: {model.num_params() / 1e6:.2f}M params, device {device}, kernels {kernels}, "
             f"{tokens_per_step} tokens/step, {cfg.max_steps} steps, tokenizer {tok.name} ({tok.vocab_size})"
             + (f", {world} ranks" if world > 1 else ""))
-    ckpt_hint = os.path.join(cfg.out_dir, "ckpt")
-
     def save(step, vloss=None):
         save_checkpoint(cfg.out_dir, stage="pretrain", step=step, model=model, tok=tok, train_cfg=cfg,
                         optimizer=optimizer, np_rng=np_rng, extra={"val_loss": vloss, "fmt": "plain"})
@@ -195,7 +197,7 @@ def main(cfg):
     vloss = None
     bar = progress(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="pretrain",
                    disable=rank != 0)
-    for step in bar:
+    for step in run.loop(bar, save):
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -210,12 +212,13 @@ def main(cfg):
             last_micro = micro + world >= cfg.grad_accum * world
             with autocast(device), (train_model.no_sync() if world > 1 and not last_micro else nullcontext()):
                 loss = step_model(x, y) / cfg.grad_accum
-                check_finite(loss, step, ckpt_hint)
+                check_finite(loss, "the loss", step, cfg.out_dir)
                 loss.backward()
             loss_sum += loss.item()
         if world > 1:  # the logged loss is the mean over all ranks, as one process would see it
             loss_sum = all_ranks_mean(loss_sum, device)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        check_finite(gnorm, "the gradient norm", step, cfg.out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_since += tokens_per_step
@@ -241,11 +244,12 @@ def main(cfg):
     bar.close()
     if world > 1:
         torch.distributed.destroy_process_group()
+    run.close()
     if rank != 0:
         return
     if start_step >= cfg.max_steps:
         log(f"nothing to do: checkpoint is already at step {start_step} >= max_steps {cfg.max_steps}")
-    log(f"pretrain done: val loss {vloss}, checkpoint in {ckpt_hint}")
+    log(f"pretrain done: val loss {vloss}, checkpoint in {os.path.join(cfg.out_dir, 'ckpt')}")
 
 
 if __name__ == "__main__":

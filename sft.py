@@ -32,8 +32,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from common import (Metrics, autocast, check_finite, init_distributed, load_checkpoint, log, parse_config,
-                    pick_kernels, progress, save_checkpoint, seed_everything, set_threads)
+from common import (Metrics, autocast, check_finite, init_distributed, load_checkpoint, load_training_state, log,
+                    parse_config, pick_kernels, progress, save_checkpoint, seed_everything, set_threads, start_run)
 from eval import check_budget, fit_prompts, heldout_accuracy
 from pretrain import all_ranks_mean, lr_at, make_optimizer
 from tasks import chat_messages_ids, load_examples, read_jsonl
@@ -45,6 +45,11 @@ class SFTConfig:
     data: str = "out/data/sft.jsonl"
     heldout: str = "out/data/heldout.jsonl"
     out_dir: str = "out/sft"
+    resume: bool = False           # continue this run from <out_dir>/ckpt, optimizer, data order and settings included
+    overwrite: bool = False        # replace a previous run's checkpoints and metrics in out_dir
+    allow_config_change: bool = False  # on resume, apply flags that differ from the saved run's settings
+    ckpt_interval: int = 200       # steps between checkpoints (of the fine-tuned weights, alpha 1) for --resume
+    keep_last: int = 2             # checkpoints kept: ckpt/ plus the previous ones as ckpt-<step>/
     epochs: float = 1.0
     batch_size: int = 32           # examples per micro-batch (per rank)
     grad_accum: int = 1            # micro-batches per optimizer step; global batch = batch_size x grad_accum x ranks
@@ -147,6 +152,7 @@ def spectrum_report(model, tok, snapshots, scores, problems, cfg, metrics, step)
 
 
 def main(cfg):
+    run = start_run(cfg, "sft")  # lock, no accidental overwrite, saved settings on --resume, SIGTERM/SIGINT
     set_threads()
     rank, world, device = init_distributed(cfg.device)  # torchrun: one process per GPU (DDP); rank 0 saves
     kernels = pick_kernels(cfg.kernels, device)
@@ -165,7 +171,17 @@ def main(cfg):
     global_batch = cfg.batch_size * cfg.grad_accum * world
     steps = math.ceil(cfg.epochs * len(examples) / global_batch)
     optimizer = make_optimizer(model, cfg, device)
-    metrics = Metrics(cfg.out_dir) if rank == 0 else None
+    start = 0
+    if cfg.resume:
+        tuned, _, meta, _ = load_checkpoint(run.ckpt, device, expect_stage=["sft"], kernels=kernels)
+        if meta.get("finished", True):
+            run.close()
+            log(f"nothing to do: {run.ckpt} is a finished SFT run (alpha {meta.get('alpha')} applied)")
+            return
+        model.load_state_dict(tuned.state_dict())
+        start = load_training_state(run.ckpt, optimizer)["step"]
+        log(f"resuming from {run.ckpt} at step {start}")
+    metrics = Metrics(cfg.out_dir, resume_step=start if cfg.resume else None) if rank == 0 else None
     model.gradient_checkpointing = cfg.gradient_checkpointing
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if rank == 0:
@@ -191,19 +207,31 @@ def main(cfg):
                                                       for kind, acc in scores[step].items()))
         model.train()
 
+    def save(step):  # the fine-tuned weights as they are (alpha 1), to resume from
+        save_checkpoint(cfg.out_dir, stage="sft", step=step, model=model, tok=tok, train_cfg=cfg, optimizer=optimizer,
+                        extra={"fmt": "chat", "alpha": 1.0, "finished": False})
+
     rng = random.Random(cfg.seed)
     order = []
-    model.train()
-    bar = progress(range(steps), desc="sft", disable=rank != 0)
-    for step in bar:
-        lr = lr_at(step, cfg, max_steps=steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+
+    def next_batch():
+        nonlocal order
         if len(order) < global_batch:  # reshuffle each epoch
             fresh = list(range(len(examples)))
             rng.shuffle(fresh)
             order += fresh
         batch, order = [examples[i] for i in order[:global_batch]], order[global_batch:]
+        return batch
+
+    for _ in range(start):  # a resumed run replays the data order up to its step
+        next_batch()
+    model.train()
+    bar = progress(range(start, steps), initial=start, total=steps, desc="sft", disable=rank != 0)
+    for step in run.loop(bar, save):
+        lr = lr_at(step, cfg, max_steps=steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batch = next_batch()
         # the loss is the mean over every assistant token of the global batch, however it is split into
         # micro-batches and ranks: each micro-batch's token mean is weighted by its share of the tokens
         # (x world: DDP averages the ranks' gradients)
@@ -215,12 +243,14 @@ def main(cfg):
             last_micro = m + world >= len(micros)
             with autocast(device), (train_model.no_sync() if world > 1 and not last_micro else nullcontext()):
                 loss = train_model(x, y) * ((y != -100).sum() * world / max(n_tokens, 1))
-                check_finite(loss, step, f"{cfg.init_from} (the base; sft saves only at the end)")
+                check_finite(loss, "the loss", step, cfg.out_dir)
                 loss.backward()
             loss_sum += loss.item() / world
         if world > 1:
             loss_sum = all_ranks_mean(loss_sum, device) * world
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        check_finite(gnorm, "the gradient norm", step, cfg.out_dir)
+        gnorm = gnorm.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if rank == 0 and ((step + 1) % cfg.log_interval == 0 or step + 1 == steps):
@@ -228,22 +258,25 @@ def main(cfg):
             metrics.write(step=step + 1, loss=loss_sum, lr=lr, grad_norm=gnorm)
         if rank == 0 and probe_sets and ((step + 1) % cfg.probe_every == 0 or step + 1 == steps):
             probe(step + 1)  # the other ranks wait for rank 0 at the next step's gradient all-reduce
+        if rank == 0 and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < steps:
+            save(step + 1)
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank != 0:  # the report generates on one process; rank 0 saves
+        run.close()
         return
 
     # weight interpolation with the base (VibeThinker-style checkpoint fusion, with the base as anchor)
     sft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     extra = {}
 
-    def save(report):
+    def save_final(report):
         model.load_state_dict(interpolate(base_state, sft_state, cfg.alpha))
         save_checkpoint(cfg.out_dir, stage="sft", step=steps, model=model, tok=tok, train_cfg=cfg,
-                        extra={"fmt": "chat", "alpha": cfg.alpha, "alpha_report": report,
+                        extra={"fmt": "chat", "alpha": cfg.alpha, "alpha_report": report, "finished": True,
                                "fused": cfg.save_fused and "spectrum" in extra, **extra})
 
-    save({})  # the trained model is on disk before the reports below spend any time
+    save_final({})  # the trained model is on disk before the reports below spend any time
     log(f"sft: checkpoint (alpha={cfg.alpha}) saved in {os.path.join(cfg.out_dir, 'ckpt')}")
     if probe_sets:  # 2-4. specialists, fusion, report
         fused, extra["spectrum"] = spectrum_report(model, tok, snapshots, scores, problems, cfg, metrics, steps)
@@ -260,7 +293,8 @@ def main(cfg):
         log(f"alpha {alpha:.2f}: " + ", ".join(f"{k} {v:.1f}%" for k, v in acc.items()))
         metrics.write(step=steps, alpha=alpha, **acc)
     if report or extra:
-        save(report)
+        save_final(report)
+    run.close()
     log(f"sft done: checkpoint (alpha={cfg.alpha}) in {os.path.join(cfg.out_dir, 'ckpt')}")
 
 
