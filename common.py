@@ -764,6 +764,11 @@ class Run:
         self._old_handlers = {}
         release_lock(self.out_dir, self._lock)
         self._lock = None
+        if getattr(self, "_created_dir", False):
+            try:
+                os.rmdir(self.out_dir)  # only succeeds when nothing was written
+            except OSError:
+                pass
 
 
 def start_run(cfg, stage):
@@ -776,8 +781,10 @@ def start_run(cfg, stage):
     - installs the SIGTERM/SIGINT handlers (see Run.loop)."""
     validate_config(cfg)
     out = cfg.out_dir
+    created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
     run = Run(cfg, stage, None)
+    run._created_dir = created  # a run refused before writing anything leaves no empty out_dir behind
     try:
         if run.rank == 0:
             run._lock = acquire_lock(out)

@@ -89,7 +89,7 @@ class GRPOConfig:
     cosine_min_value_wrong: float = -1.0     # Open-RS/Yeo cosine reward, lengths in tokens, progress clamped
     cosine_max_value_wrong: float = -0.5     # a wrong answer: -1 when short, -0.5 at the budget
     cosine_min_value_correct: float = 0.5    # a correct answer: 1 when short, 0.5 at the budget
-    cosine_max_value_correct: float = 1.0
+    cosine_max_value_correct: float = 1.0    # (the correct-answer ends: 1 short, 0.5 at the budget)
     cosine_max_len: int = 0                  # tokens (0 = the current response budget)
     # advantages
     advantage: str = "grpo"                  # grpo: r - mean | rloo: r - mean of the others = G/(G-1) (r - mean)

@@ -32,10 +32,10 @@ from tokenizer import load_tokenizer
 class PretrainConfig:
     model: str = "tiny"            # model preset (model.py PRESETS): tiny (~1M), cpu (~12M), 135m (SmolLM2-135M)
     n_layer: int = 0               # the size dials: each overrides the preset when > 0
-    d_model: int = 0
-    n_head: int = 0
-    n_kv_head: int = 0
-    d_ff: int = 0
+    d_model: int = 0               # model width (0 = the preset's)
+    n_head: int = 0                # query heads (0 = the preset's)
+    n_kv_head: int = 0             # key/value heads, divides n_head (0 = the preset's)
+    d_ff: int = 0                  # SwiGLU hidden width (0 = the preset's)
     data_dir: str = "out/data"     # token shards + tokenizer.json
     out_dir: str = "out/pretrain"
     init_from: str = ""            # continue from another checkpoint's weights (new optimizer)
