@@ -40,7 +40,7 @@ PANELS = [
     ("GRPO KL to the start policy", "nats/token", False, [("grpo", "kl", "k3 KL", "-", 1)]),
     ("GRPO response length", "tokens", False, [("grpo", "response_len", "mean completion length", "-", 1)]),
     ("GRPO groups and cut-offs", "fraction", False, [("grpo", "frac_all_equal", "groups with all-equal rewards", "-", 1),
-                                                     ("grpo", "frac_truncated", "completions cut off", "-", 1)]),
+                                                     ("grpo", "truncated", "completions cut off", "-", 1)]),
     ("gradient norm (before clipping)", "L2 norm", True, [("pretrain", "grad_norm", "pretrain", "-", 1),
                                                           ("sft", "grad_norm", "SFT", "-", 1),
                                                           ("grpo", "grad_norm", "GRPO", "-", 1)]),

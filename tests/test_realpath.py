@@ -237,7 +237,7 @@ def test_report_draws_only_what_was_logged(tmp_path):
     assert report.plot_curves(m, str(tmp_path / "p.png")) == 2  # pretrain loss + grad norm
     os.makedirs(tmp_path / "grpo")
     write_jsonl(tmp_path / "grpo" / "metrics.jsonl",
-                [{"step": 1, "reward": 0.1, "kl": 0.01, "response_len": 40, "frac_all_equal": 0.5, "frac_truncated": 0.2,
+                [{"step": 1, "reward": 0.1, "kl": 0.01, "response_len": 40, "frac_all_equal": 0.5, "truncated": 0.2,
                   "grad_norm": 0.3, "entropy": 1.0}, {"step": 1, "heldout_pass1": 12.5}])
     with open(tmp_path / "eval.md", "w") as f:
         f.write("| checkpoint | pass@1 (%) |\n|---|---:|\n| grpo (x, step 1) | 12.5 |\n")
