@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import (Metrics, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
+from common import (Metrics, atomic_write, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
                     pick_device, pick_kernels, save_checkpoint, seed_everything, set_threads, start_run,
                     check_model)
 from eval import heldout_accuracy
@@ -628,10 +628,7 @@ def main(cfg):
                 kk, rr = difficulty_prefilter(model, tok, rows, cfg, device, f"pool {k}")
                 kept.append(kk)
                 rates.append(rr)
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"kept": kept, "pass_rates": rates}, f)
-            os.replace(tmp, path)
+            atomic_write(path, {"kept": kept, "pass_rates": rates})
             for k, rr in enumerate(rates):
                 vals = list(rr.values())
                 log(f"pre-filter pool {k}: {len(vals)} prompts measured, pass rate 0: "

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import parse_config  # noqa: E402
+from common import atomic_write, parse_config  # noqa: E402
 
 
 @dataclass
@@ -157,10 +157,7 @@ def run_one(args):
                                seed=0)
         res[split] = acc
     res["wall_seconds"] = round(time.time() - t0, 1)
-    tmp = cfg.out_dir + ".json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, cfg.out_dir + ".json")
+    atomic_write(cfg.out_dir + ".json", res)
     print(f"ablation: {name} done in {res['wall_seconds']:.0f} s: " +
           ", ".join(f"{s} pass@1 {res[s]['pass@1']:.1f}% pass@{k} {res[s][f'pass@{k}']:.1f}%" for s in evals),
           flush=True)
@@ -181,8 +178,7 @@ def eval_start(start, evals, out_dir, k, n_eval, max_new_tokens):
         res[split] = heldout_accuracy(model, tok, eval_rows(p, n_eval), "chat", k=k, max_new_tokens=max_new_tokens,
                                       seed=0)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    atomic_write(path, res)
     return res
 
 
@@ -252,11 +248,9 @@ def main(cfg):
         first.setdefault(s[1], i)
     results.sort(key=lambda r: (r["group"].startswith("hard"), first[r["group"]], r["seed"]))
     md = table([start_res] + results, cfg.k, list(evals))
-    with open(os.path.join(cfg.out_dir, "ablation.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "start": start_res, "runs": results,
-                   "seconds": round(time.time() - t0, 1)}, f, indent=1)
-    with open(os.path.join(cfg.out_dir, "ablation.md"), "w") as f:
-        f.write(md + "\n")
+    atomic_write(os.path.join(cfg.out_dir, "ablation.json"),
+                 {"config": asdict(cfg), "start": start_res, "runs": results, "seconds": round(time.time() - t0, 1)})
+    atomic_write(os.path.join(cfg.out_dir, "ablation.md"), md + "\n")
     print("\n" + md + f"\n\nablation: {time.time() - t0:.0f} s; {cfg.out_dir}/ablation.json and ablation.md", flush=True)
 
 
