@@ -58,7 +58,7 @@ DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "..", "shared", "data")
 # ----------------------------------------------------------------------------------------------
 # The registry of evaluation sets: local files first (the layout of ../shared/data), else the Hugging
 # Face Hub. name -> (local glob, hub repo, glob over the repo's files). The harness's dataset_path is
-# the hub repo. dedup.py decontaminates against every set listed here.
+# the hub repo. dedup.py still keeps its own registry for decontamination (its block is to move here).
 
 EVAL_SETS = {
     "gsm8k": ("gsm8k/test.jsonl", "openai/gsm8k", "main/test-*.parquet"),
