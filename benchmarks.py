@@ -56,27 +56,29 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "..", "shared", "data")
 
 # ----------------------------------------------------------------------------------------------
-# The registry of evaluation sets: local files first (the layout of ../shared/data), else the Hugging
-# Face Hub. name -> (local glob, hub repo, glob over the repo's files). The harness's dataset_path is
-# the hub repo. dedup.py still keeps its own registry for decontamination (its block is to move here).
+# The registry of evaluation sets, used by the benchmarks here and by dedup.py's decontamination, so a
+# set added for evaluation is decontaminated against automatically. name -> (local globs under the data
+# folder (the layout of ../shared/data), hub repo, glob over the repo's files); the harness's
+# dataset_path is the hub repo. Benchmarks score the FIRST local glob only; further globs are there for
+# decontamination (PIQA's test split has no labels, but a leak of it is still a leak).
 
 EVAL_SETS = {
-    "gsm8k": ("gsm8k/test.jsonl", "openai/gsm8k", "main/test-*.parquet"),
-    "arc_easy": ("arc_easy/ARC-Easy-Test.jsonl", "allenai/ai2_arc", "ARC-Easy/test-*.parquet"),
-    "arc_challenge": ("arc_challenge/ARC-Challenge-Test.jsonl", "allenai/ai2_arc", "ARC-Challenge/test-*.parquet"),
-    "hellaswag": ("hellaswag/hellaswag_val*.jsonl", "Rowan/hellaswag", "data/validation-*.parquet"),
-    "mmlu": ("mmlu/test/*.csv", "cais/mmlu", "all/test-*.parquet"),
-    "piqa": ("piqa/valid.jsonl", "baber/piqa", "data/validation-*.parquet"),
-    "winogrande": ("winogrande/dev.jsonl", "allenai/winogrande", "winogrande_xl/validation-*.parquet"),
-    "openbookqa": ("openbookqa/openbook_qa*.jsonl", "allenai/openbookqa", "main/test-*.parquet"),
-    "lambada_openai": ("lambada_openai/lambada_openai*.jsonl", "EleutherAI/lambada_openai", "default/test-*.parquet"),
-    "boolq": ("boolq/boolq*.jsonl", "google/boolq", "data/validation-*.parquet"),
-    "sciq": ("sciq/test.json", "allenai/sciq", "data/test-*.parquet"),
-    "commonsenseqa": ("commonsenseqa/dev_rand_split.jsonl", "tau/commonsense_qa", "data/validation-*.parquet"),
-    "siqa": ("siqa/dev.jsonl", None, None),
+    "gsm8k": (("gsm8k/test.jsonl",), "openai/gsm8k", "main/test-*.parquet"),
+    "arc_easy": (("arc_easy/ARC-Easy-Test.jsonl",), "allenai/ai2_arc", "ARC-Easy/test-*.parquet"),
+    "arc_challenge": (("arc_challenge/ARC-Challenge-Test.jsonl",), "allenai/ai2_arc", "ARC-Challenge/test-*.parquet"),
+    "hellaswag": (("hellaswag/hellaswag_val*.jsonl",), "Rowan/hellaswag", "data/validation-*.parquet"),
+    "mmlu": (("mmlu/test/*.csv",), "cais/mmlu", "all/test-*.parquet"),
+    "piqa": (("piqa/valid.jsonl", "piqa/tests.jsonl"), "baber/piqa", "data/validation-*.parquet"),
+    "winogrande": (("winogrande/dev.jsonl",), "allenai/winogrande", "winogrande_xl/validation-*.parquet"),
+    "openbookqa": (("openbookqa/openbook_qa*.jsonl",), "allenai/openbookqa", "main/test-*.parquet"),
+    "lambada_openai": (("lambada_openai/lambada_openai*.jsonl",), "EleutherAI/lambada_openai", "default/test-*.parquet"),
+    "boolq": (("boolq/boolq*.jsonl",), "google/boolq", "data/validation-*.parquet"),
+    "sciq": (("sciq/test.json",), "allenai/sciq", "data/test-*.parquet"),
+    "commonsenseqa": (("commonsenseqa/dev_rand_split.jsonl",), "tau/commonsense_qa", "data/validation-*.parquet"),
+    "siqa": (("siqa/dev.jsonl",), None, None),
 }
 # Few-shot pools: read the same way, but training data, so never decontaminated against.
-FEWSHOT_SETS = {"gsm8k_train": ("gsm8k/train.jsonl", "openai/gsm8k", "main/train-*.parquet")}
+FEWSHOT_SETS = {"gsm8k_train": (("gsm8k/train.jsonl",), "openai/gsm8k", "main/train-*.parquet")}
 
 MC_TASKS = ["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "lambada_openai", "mmlu"]
 TASKS = MC_TASKS + ["gsm8k"]
@@ -124,10 +126,16 @@ def download_eval_set(name, cache_dir, hub=None):
     return [hub.hf_hub_download(repo, f, repo_type="dataset", local_dir=os.path.join(cache_dir, name)) for f in files]
 
 
+def local_eval_files(name, data_dir, scored_only=False):
+    """Every local file of an eval set (for decontamination), or those of its first glob (scored)."""
+    globs = {**EVAL_SETS, **FEWSHOT_SETS}[name][0]
+    return sorted(f for pattern in globs[:1 if scored_only else None] for f in glob.glob(os.path.join(data_dir, pattern)))
+
+
 def find_eval_files(name, data_dir=DEFAULT_DATA_DIR, cache_dir="out/hf_datasets", hub=None):
     """Local files of an eval set, else its Hub download. A set that is neither: one clear line."""
-    local = {**EVAL_SETS, **FEWSHOT_SETS}[name][0]
-    files = sorted(glob.glob(os.path.join(data_dir, local)))
+    local = {**EVAL_SETS, **FEWSHOT_SETS}[name][0][0]
+    files = local_eval_files(name, data_dir, scored_only=True)
     if files:
         return files
     try:
@@ -181,6 +189,75 @@ def read_raw_rows(path):
                 row["label"] = labels[n] if n < len(labels) else None
             n += 1
             yield i, row
+
+
+# ----------------------------------------------------------------------------------------------
+# What decontamination indexes (dedup.py): the texts of each eval item that a leak would copy.
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _choice_texts(c):
+    """Answer options in the layouts the sets use: ["a", ...], {"text": [...]}, [{"text": "a"}, ...]."""
+    if isinstance(c, dict):
+        c = c.get("text", [])
+    return [x["text"] if isinstance(x, dict) else x for x in (c or []) if isinstance(x, (str, dict))]
+
+
+def item_texts(row):
+    """The texts of one eval item that a leak would copy, each indexed on its own: the question; the
+    question followed by each answer option; passages and solutions on their own; WinoGrande's
+    sentence with its blank filled by each option; LAMBADA's passage with its last word. Rows of
+    unknown layout: every string field on its own, and all of them joined."""
+    if not isinstance(row, dict):
+        return []
+    if "_csv" in row:  # MMLU csv (read_raw_rows): question, A, B, C, D, answer letter
+        q, options = row["_csv"][0], row["_csv"][1:-1]
+        return [q] + [f"{q} {o}" for o in options]
+    if "sentence" in row and "option1" in row:  # WinoGrande
+        return [row["sentence"].replace("_", row[k], 1) for k in ("option1", "option2") if isinstance(row.get(k), str)]
+    if "continuation" in row and "context" in row:  # LAMBADA (llm-foundry layout)
+        return [f"{row['context']} {row['continuation']}"]
+    q = row.get("question")
+    options = []
+    if isinstance(q, dict):  # ARC: question = {stem, choices}
+        q, options = q.get("stem", ""), _choice_texts(q.get("choices"))
+    q = q or row.get("question_stem") or row.get("goal") or row.get("ctx") or row.get("query") or ""
+    passages = []
+    if q.startswith("Passage: ") and "\nQuestion: " in q:  # BoolQ (llm-foundry layout)
+        passage, q = q[len("Passage: "):].split("\nQuestion: ", 1)
+        passages.append(passage)
+    if isinstance(row.get("context"), str):  # Social IQa: context, question
+        q = f"{row['context']} {q}"
+    options = options or _choice_texts(row.get("choices")) or _choice_texts(row.get("endings")) \
+        or _choice_texts(row.get("options"))
+    options += [row[k] for k in ("sol1", "sol2", "correct_answer", "distractor1", "distractor2", "distractor3")
+                if isinstance(row.get(k), str)]
+    for k in ("answer", "support", "passage", "text"):  # GSM8K solutions, SciQ support, BoolQ passage, LAMBADA
+        if isinstance(row.get(k), str) and len(row[k].split()) > 3:
+            passages.append(row[k])
+    if not q and not passages:
+        strings = [s for s in _strings(row) if s.strip()]
+        return strings + [" ".join(strings)]
+    texts = [q] + [f"{q} {o}" for o in options] if q else []
+    return texts + passages
+
+
+def eval_item_texts(files):
+    """One list of texts per eval item of the given files (see item_texts)."""
+    for path in files:
+        for _, row in read_raw_rows(path):
+            texts = [t for t in item_texts(row) if t and t.strip()]
+            if texts:
+                yield texts
 
 
 LETTERS = "ABCDEFGHIJ"

@@ -37,9 +37,6 @@ out_dir (about 0.7x the size of the text, deleted at the end). The line counter 
 sketch sized from the number of survivor lines (at most --segment_sketch_mb), so a few hundred
 documents use kilobytes and 10M documents about 1.5 GB plus the sketch.
 """
-import csv
-import glob
-import json
 import os
 import resource
 import socket
@@ -53,6 +50,7 @@ import numpy as np
 
 from data import (expand_inputs, iter_corpus, JsonlWriter, mix64, ngram_hashes, normalize_words, num_workers,
                   ordered_map, word_bytes)
+from benchmarks import EVAL_SETS, download_eval_set, eval_item_texts, local_eval_files
 from common import atomic_write
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -416,138 +414,12 @@ def remove_boilerplate(text, sketch, min_docs, min_chars):
     return "\n".join(l for i, l in enumerate(lines) if i not in drop), len(drop)
 
 
-# =============================================================================
-# Eval-set registry and item readers. This block moves to benchmarks.py as one piece; its interface:
-#   EVAL_SETS                                   name -> (local globs under eval_dir, hub repo, hub glob)
-#   local_eval_files(name, eval_dir) -> [paths]
-#   download_eval_files(name, cache_dir, hub) -> [paths]   (hub: huggingface_hub or a stand-in)
-#   eval_item_texts(files) -> iterator of lists of strings, one list per item: the texts to index
-# Local copies use the layout of shared/data; the hub globs name the parquet files of the HF repos.
-
-EVAL_SETS = {
-    "gsm8k": (("gsm8k/test.jsonl",), "openai/gsm8k", "main/test-*.parquet"),
-    "arc_easy": (("arc_easy/ARC-Easy-Test.jsonl",), "allenai/ai2_arc", "ARC-Easy/test-*.parquet"),
-    "arc_challenge": (("arc_challenge/ARC-Challenge-Test.jsonl",), "allenai/ai2_arc", "ARC-Challenge/test-*.parquet"),
-    "hellaswag": (("hellaswag/hellaswag_val*.jsonl",), "Rowan/hellaswag", "data/validation-*.parquet"),
-    "mmlu": (("mmlu/test/*.csv",), "cais/mmlu", "all/test-*.parquet"),
-    "piqa": (("piqa/valid.jsonl", "piqa/tests.jsonl"), None, None),  # validation (scored) and test (unlabelled)
-    "winogrande": (("winogrande/dev.jsonl",), "allenai/winogrande", "winogrande_xl/validation-*.parquet"),
-    "openbookqa": (("openbookqa/openbook_qa*.jsonl",), "allenai/openbookqa", "main/test-*.parquet"),
-    "boolq": (("boolq/boolq*.jsonl",), "google/boolq", "data/validation-*.parquet"),
-    "sciq": (("sciq/test.json",), "allenai/sciq", "data/test-*.parquet"),
-    "commonsenseqa": (("commonsenseqa/dev_rand_split.jsonl",), "tau/commonsense_qa", "data/validation-*.parquet"),
-    "siqa": (("siqa/dev.jsonl",), None, None),
-    "lambada": (("lambada_openai/lambada_openai*.jsonl",), None, None),
-}
-
-
-def local_eval_files(name, eval_dir):
-    return sorted(f for pattern in EVAL_SETS[name][0] for f in glob.glob(os.path.join(eval_dir, pattern)))
-
-
-def download_eval_files(name, cache_dir, hub):
-    _, repo, pattern = EVAL_SETS[name]
-    if repo is None:
-        return []
-    import fnmatch
-    files = sorted(f for f in hub.list_repo_files(repo, repo_type="dataset") if fnmatch.fnmatch(f, pattern))
-    return [hub.hf_hub_download(repo, f, repo_type="dataset", local_dir=os.path.join(cache_dir, name)) for f in files]
-
-
-def read_eval_rows(path):
-    """The rows of an eval file: dicts (.jsonl, .json array, .parquet) or lists (header-less .csv, MMLU's)."""
-    if path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            yield from csv.reader(f)
-        return
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        yield from pq.read_table(path).to_pylist()
-        return
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            yield from json.load(f)
-            return
-        for line in f:
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    pass
-
-
-def _strings(obj):
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _strings(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _strings(v)
-
-
-def _choice_texts(c):
-    """Answer options in the layouts the sets use: ["a", ...], {"text": [...]}, [{"text": "a"}, ...]."""
-    if isinstance(c, dict):
-        c = c.get("text", [])
-    return [x["text"] if isinstance(x, dict) else x for x in (c or []) if isinstance(x, (str, dict))]
-
-
-def item_texts(row):
-    """The texts of one eval item that a leak would copy, each indexed on its own: the question; the
-    question followed by each answer option; passages and solutions on their own; WinoGrande's
-    sentence with its blank filled by each option; LAMBADA's passage with its last word. Rows of
-    unknown layout: every string field on its own, and all of them joined."""
-    if isinstance(row, list):  # MMLU csv: question, A, B, C, D, answer letter
-        q, options = row[0], row[1:-1]
-        return [q] + [f"{q} {o}" for o in options]
-    if not isinstance(row, dict):
-        return []
-    if "sentence" in row and "option1" in row:  # WinoGrande
-        return [row["sentence"].replace("_", row[k], 1) for k in ("option1", "option2") if isinstance(row.get(k), str)]
-    if "continuation" in row and "context" in row:  # LAMBADA (llm-foundry layout)
-        return [f"{row['context']} {row['continuation']}"]
-    q = row.get("question")
-    options = []
-    if isinstance(q, dict):  # ARC: question = {stem, choices}
-        q, options = q.get("stem", ""), _choice_texts(q.get("choices"))
-    q = q or row.get("question_stem") or row.get("goal") or row.get("ctx") or row.get("query") or ""
-    passages = []
-    if q.startswith("Passage: ") and "\nQuestion: " in q:  # BoolQ (llm-foundry layout)
-        passage, q = q[len("Passage: "):].split("\nQuestion: ", 1)
-        passages.append(passage)
-    if isinstance(row.get("context"), str):  # Social IQa: context, question
-        q = f"{row['context']} {q}"
-    options = options or _choice_texts(row.get("choices")) or _choice_texts(row.get("endings")) \
-        or _choice_texts(row.get("options"))
-    options += [row[k] for k in ("sol1", "sol2", "correct_answer", "distractor1", "distractor2", "distractor3")
-                if isinstance(row.get(k), str)]
-    for k in ("answer", "support", "passage", "text"):  # GSM8K solutions, SciQ support, BoolQ passage, LAMBADA
-        if isinstance(row.get(k), str) and len(row[k].split()) > 3:
-            passages.append(row[k])
-    if not q and not passages:
-        strings = [s for s in _strings(row) if s.strip()]
-        return strings + [" ".join(strings)]
-    texts = [q] + [f"{q} {o}" for o in options] if q else []
-    return texts + passages
-
-
-def eval_item_texts(files):
-    """One list of texts per eval item of the given files (see item_texts)."""
-    for path in files:
-        for row in read_eval_rows(path):
-            texts = [t for t in item_texts(row) if t and t.strip()]
-            if texts:
-                yield texts
-
-
-# end of the eval-set registry
-# =============================================================================
 
 
 # -----------------------------------------------------------------------------
-# Decontamination: which eval sets to use, their index, and the overlap test.
+# Decontamination: which eval sets to use, their index, and the overlap test. The sets and the texts
+# of each item come from benchmarks.py's registry (EVAL_SETS, eval_item_texts): one registry for
+# evaluation and decontamination, so a set added for evaluation is decontaminated against too.
 
 def hub_reachable(timeout=3.0):
     """One quick connection attempt, so that an offline machine fails at once instead of waiting
@@ -585,7 +457,7 @@ def resolve_eval_files(cfg, hub=None):
         hub = hub or __import__("huggingface_hub")
         for name in downloadable:
             try:
-                files = download_eval_files(name, os.path.join(cfg.out_dir, "evals"), hub)
+                files = download_eval_set(name, os.path.join(cfg.out_dir, "evals"), hub)
             except Exception as e:
                 print(f"note: eval set {name} is not under {cfg.eval_dir} and the Hub failed ({type(e).__name__}); "
                       f"not downloading eval sets")

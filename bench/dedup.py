@@ -304,7 +304,7 @@ def leak_texts(shared):
                             for r in jsonl(os.path.join(shared, "commonsenseqa", "dev_rand_split.jsonl"))]
     out["siqa"] = [r["context"] + " " + r["question"] + " " + r["answer"]
                    for r in jsonl(os.path.join(shared, "siqa", "dev.jsonl"))]
-    out["lambada"] = [r["context"] + " " + r["continuation"]
+    out["lambada_openai"] = [r["context"] + " " + r["continuation"]
                       for r in jsonl(os.path.join(shared, "lambada_openai", "lambada_openai.llmfoundry.jsonl"))]
     return out
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchmarks  # noqa: E402
 import dedup  # noqa: E402
 from dedup import batch_ngram_hashes, batch_word_hashes  # noqa: E402
 from data import normalize_words  # noqa: E402
@@ -315,25 +316,27 @@ def test_eval_items_are_indexed_per_field(tmp_path):
     (tmp_path / "m.csv").write_text('"What is two plus two?",3,4,5,6,B\n')
     (tmp_path / "s.json").write_text(json.dumps([{"question": "Why is the sky blue?", "correct_answer": "scattering",
                                                    "support": "Rayleigh scattering of sunlight by air"}]))
-    assert list(dedup.eval_item_texts([str(tmp_path / "m.csv")])) == [
+    assert list(benchmarks.eval_item_texts([str(tmp_path / "m.csv")])) == [
         ["What is two plus two?"] + [f"What is two plus two? {x}" for x in (3, 4, 5, 6)]]
-    assert list(dedup.eval_item_texts([str(tmp_path / "s.json")])) == [
+    assert list(benchmarks.eval_item_texts([str(tmp_path / "s.json")])) == [
         ["Why is the sky blue?", "Why is the sky blue? scattering", "Rayleigh scattering of sunlight by air"]]
     wino = {"sentence": "Sarah was a better surgeon than Maria so _ got the easier cases.", "option1": "Sarah",
             "option2": "Maria", "answer": "2"}
-    assert dedup.item_texts(wino) == ["Sarah was a better surgeon than Maria so Sarah got the easier cases.",
+    assert benchmarks.item_texts(wino) == ["Sarah was a better surgeon than Maria so Sarah got the easier cases.",
                                       "Sarah was a better surgeon than Maria so Maria got the easier cases."]
-    assert dedup.item_texts({"context": "He looked at the", "continuation": "sky"}) == ["He looked at the sky"]
+    assert benchmarks.item_texts({"context": "He looked at the", "continuation": "sky"}) == ["He looked at the sky"]
     arc = {"question": {"stem": "Which is a gas?", "choices": [{"text": "air", "label": "A"}, {"text": "rock"}]}}
-    assert dedup.item_texts(arc) == ["Which is a gas?", "Which is a gas? air", "Which is a gas? rock"]
+    assert benchmarks.item_texts(arc) == ["Which is a gas?", "Which is a gas? air", "Which is a gas? rock"]
     boolq = {"query": "Passage: The sky is blue by day.\nQuestion: is the sky blue?", "choices": ["no", "yes"]}
-    assert dedup.item_texts(boolq) == ["is the sky blue?", "is the sky blue? no", "is the sky blue? yes",
+    assert benchmarks.item_texts(boolq) == ["is the sky blue?", "is the sky blue? no", "is the sky blue? yes",
                                        "The sky is blue by day."]
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"question": ["a b"], "choices": [["c", "d"]], "answer": [1]}), tmp_path / "e.parquet")
-    assert list(dedup.eval_item_texts([str(tmp_path / "e.parquet")])) == [["a b", "a b c", "a b d"]]
-    assert "lambada" in dedup.EVAL_SETS and "piqa/tests.jsonl" in dedup.EVAL_SETS["piqa"][0]
+    assert list(benchmarks.eval_item_texts([str(tmp_path / "e.parquet")])) == [["a b", "a b c", "a b d"]]
+    # dedup.py decontaminates against the benchmark registry itself: LAMBADA and PIQA's test split are in it
+    assert dedup.EVAL_SETS is benchmarks.EVAL_SETS
+    assert "lambada_openai" in dedup.EVAL_SETS and "piqa/tests.jsonl" in dedup.EVAL_SETS["piqa"][0]
 
 
 def test_short_items_are_caught_whole_and_filled_blanks_too(tmp_path):
