@@ -340,7 +340,9 @@ def to_doc(task, r):
 
 def load_docs(task, data_dir=DEFAULT_DATA_DIR, cache_dir="out/hf_datasets", hub=None, limit=0, log=print):
     """The harness documents of a task, in file order (`limit` keeps the first N, as --limit does in the
-    harness). Malformed rows are counted, skipped and reported in one line, never scored."""
+    harness; MMLU is a group of 57 subject tasks in the harness, and its --limit applies to each subject,
+    so here too: the first N items of every subject). Malformed rows are counted, skipped and reported
+    in one line, never scored."""
     docs, bad, first_bad = [], 0, None
     for path in find_eval_files(task, data_dir, cache_dir, hub):
         for i, row in read_raw_rows(path):
@@ -354,8 +356,16 @@ def load_docs(task, data_dir=DEFAULT_DATA_DIR, cache_dir="out/hf_datasets", hub=
             f"they are not scored. Fix or delete them to score the full set.")
     if not docs:
         raise SystemExit(f"error: {task}: no readable rows in {find_eval_files(task, data_dir, cache_dir, hub)}")
-    if task == "mmlu":  # the harness runs the subjects in alphabetical order; keep that order under --limit
-        docs.sort(key=lambda d: d["subject"])
+    if task == "mmlu":  # the harness runs the subjects in alphabetical order, each limited on its own
+        docs.sort(key=lambda d: d["subject"])  # stable: file order within a subject
+        if limit:
+            kept, per_subject = [], {}
+            for d in docs:
+                per_subject[d["subject"]] = per_subject.get(d["subject"], 0) + 1
+                if per_subject[d["subject"]] <= limit:
+                    kept.append(d)
+            docs = kept
+        return docs
     return docs[:limit] if limit else docs
 
 

@@ -58,7 +58,7 @@ class EvalConfig:
     kernels: str = "auto"
     # public benchmarks (benchmarks.py); empty = the embedded task above
     tasks: str = ""             # e.g. l20,mmlu,gsm8k
-    limit: int = 0              # first N items of each task (0 = all), as the harness's --limit
+    limit: int = 0              # first N items of each task, of each MMLU subject (0 = all), as the harness's --limit
     benchmark_dir: str = DEFAULT_DATA_DIR  # local eval sets (../shared/data layout); else the Hub
     hf_cache: str = "out/hf_datasets"      # where Hub downloads are cached
     add_bos: str = "auto"       # BOS before each context: auto = yes for nanoforge-trained models (trained with
