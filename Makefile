@@ -59,9 +59,12 @@ report: setup
 	$(P) report.py --out_dir=$(OUT)
 
 demo: setup
-	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory demo-data pretrain sft grpo eval report && \
-	echo "demo finished in $$(( $$(date +%s) - start )) s; report: $(OUT)/report.md"
+	@start=$$(date +%s); times=""; \
+	for stage in demo-data pretrain sft grpo eval report; do \
+		t=$$(date +%s); $(MAKE) --no-print-directory $$stage || exit 1; \
+		times="$$times $$stage $$(( $$(date +%s) - t )) s,"; \
+	done; \
+	echo "demo finished in $$(( $$(date +%s) - start )) s (per stage:$${times%,}; load average $$(cut -d' ' -f1 /proc/loadavg)); report: $(OUT)/report.md"
 
 test: setup setup-test
 	$(P) -m pytest -q -rs tests
@@ -130,22 +133,23 @@ real: setup
 	@if [ ! -f $(REAL_DATA)/gsm8k/train.jsonl ] || [ ! -f $(REAL_DATA)/tinystories/tinystories_sample.txt ]; then \
 		echo "make real: skipped: $(REAL_DATA)/gsm8k and $(REAL_DATA)/tinystories not found (REAL_DATA=... points elsewhere)"; \
 	else \
-	set -e; start=$$(date +%s); rm -rf $(REAL_OUT); \
-	$(P) data.py gate --inputs=$(REAL_DATA)/tinystories/tinystories_sample.txt --out_dir=$(REAL_OUT)/gated; \
-	$(P) dedup.py --inputs=$(REAL_OUT)/gated --out_dir=$(REAL_OUT)/dedup --eval_dir=$(REAL_DATA) --evals=gsm8k; \
-	$(P) data.py tokenize --inputs=$(REAL_OUT)/dedup --out_dir=$(REAL_OUT)/data --vocab_size=4096; \
-	$(P) pretrain.py --model=cpu --data_dir=$(REAL_OUT)/data --out_dir=$(REAL_OUT)/pretrain --max_steps=$(REAL_STEPS) \
+	set -e; start=$$(date +%s); rm -rf $(REAL_OUT); mkdir -p $(REAL_OUT); \
+	stage() { t=$$(date +%s); "$$@"; name=$$2; case "$$3" in --*) ;; *) name="$$2 $$3";; esac; echo "make real: $$name took $$(( $$(date +%s) - t )) s (load average $$(cut -d' ' -f1 /proc/loadavg))" | tee -a $(REAL_OUT)/times.txt; }; \
+	stage $(P) data.py gate --inputs=$(REAL_DATA)/tinystories/tinystories_sample.txt --out_dir=$(REAL_OUT)/gated; \
+	stage $(P) dedup.py --inputs=$(REAL_OUT)/gated --out_dir=$(REAL_OUT)/dedup --eval_dir=$(REAL_DATA) --evals=gsm8k; \
+	stage $(P) data.py tokenize --inputs=$(REAL_OUT)/dedup --out_dir=$(REAL_OUT)/data --vocab_size=4096; \
+	stage $(P) pretrain.py --model=cpu --data_dir=$(REAL_OUT)/data --out_dir=$(REAL_OUT)/pretrain --max_steps=$(REAL_STEPS) \
 		--batch_size=8 --seq_len=256 --warmup_steps=10 --eval_interval=$(REAL_STEPS) --ckpt_interval=$(REAL_STEPS) \
 		--device=$(DEVICE); \
-	$(P) sft.py --init_from=$(REAL_OUT)/pretrain --data=$(REAL_DATA)/gsm8k/train.jsonl \
+	stage $(P) sft.py --init_from=$(REAL_OUT)/pretrain --data=$(REAL_DATA)/gsm8k/train.jsonl \
 		--heldout=$(REAL_DATA)/gsm8k/test.jsonl --out_dir=$(REAL_OUT)/sft --epochs=0.01 --batch_size=8 --warmup_steps=2 \
 		--n_eval=0 --max_new_tokens=$(REAL_NEW) --device=$(DEVICE); \
-	$(P) grpo.py --init_from=$(REAL_OUT)/sft --data=$(REAL_DATA)/gsm8k/train.jsonl \
+	stage $(P) grpo.py --init_from=$(REAL_OUT)/sft --data=$(REAL_DATA)/gsm8k/train.jsonl \
 		--heldout=$(REAL_DATA)/gsm8k/test.jsonl --out_dir=$(REAL_OUT)/grpo --iterations=2 --prompts_per_iter=2 \
 		--group_size=2 --max_new_tokens=$(REAL_NEW) --n_eval=0 --eval_interval=2 --device=$(DEVICE); \
-	$(P) eval.py --ckpts=$(REAL_OUT)/pretrain,$(REAL_OUT)/sft,$(REAL_OUT)/grpo --heldout=$(REAL_DATA)/gsm8k/test.jsonl \
+	stage $(P) eval.py --ckpts=$(REAL_OUT)/pretrain,$(REAL_OUT)/sft,$(REAL_OUT)/grpo --heldout=$(REAL_DATA)/gsm8k/test.jsonl \
 		--val_text=$(REAL_DATA)/tinyshakespeare/input.txt --max_val_windows=16 --n_heldout=8 --k=0 --max_new_tokens=$(REAL_NEW) --out=$(REAL_OUT)/eval \
 		--device=$(DEVICE); \
-	$(P) report.py --out_dir=$(REAL_OUT); \
+	stage $(P) report.py --out_dir=$(REAL_OUT); \
 	echo "make real finished in $$(( $$(date +%s) - start )) s; report: $(REAL_OUT)/report.md"; \
 	fi
