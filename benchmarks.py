@@ -50,7 +50,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from common import progress as progress_bar
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "..", "shared", "data")
@@ -536,7 +537,7 @@ def score_items(model, tok, reqs, add_bos=True, max_batch_tokens=8192, desc=None
         n = max(1, max_batch_tokens // len(packed[order[s]][0]))
         batches.append(order[s:s + n])
         s += n
-    bar = tqdm(total=len(reqs), desc=desc, leave=False, disable=not progress)
+    bar = progress_bar(total=len(reqs), desc=desc, leave=False, disable=not progress)
     W = model.lm_head_weight
     for batch in batches:
         L = max(len(packed[i][0]) for i in batch)
@@ -679,7 +680,7 @@ def generate_texts(model, prompts, stop_ids, max_new_tokens, temperature, batch_
     gen = torch.Generator(device=device).manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, leave=False, disable=not progress)
+    bar = progress_bar(total=len(prompts), desc=desc, leave=False, disable=not progress)
     step = max(1, batch_size // n)
     for s in range(0, len(order), step):
         chunk = order[s:s + step]

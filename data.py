@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import atomic_open, atomic_write
+from common import atomic_open, atomic_write, progress
 from shards import SHARD_TOKENS, ShardWriter
 
 # -----------------------------------------------------------------------------
@@ -616,7 +616,6 @@ def _gate_batch(args):
 def gate_corpus(cfg):
     """Stream every input source through the gates into out_dir/<source>/part_*.jsonl, on all cores."""
     from multiprocessing import Pool
-    from tqdm import tqdm
     inputs, out_dir = cfg.inputs, cfg.out_dir
     stats = {}
     with Pool(num_workers(cfg.workers)) as pool:
@@ -637,7 +636,7 @@ def gate_corpus(cfg):
                             batch = []
                 yield (batch, cfg, prose), batch
 
-            bar = tqdm(desc=f"gate {source}", unit="doc", disable=None)
+            bar = progress(desc=f"gate {source}", unit="doc")
             for batch, verdicts in ordered_map(pool, _gate_batch, batches()):
                 for rec, failed in zip(batch, verdicts):
                     n_tok = len(rec["text"].split())
@@ -712,7 +711,6 @@ def val_period(cfg, inputs, n_docs=None):
 def tokenize_corpus(cfg):
     """Encode every document of the inputs with tiktoken on all cores into train/val shards. A shard
     directory of another tokenizer is refused before anything is written."""
-    from tqdm import tqdm
     inputs, out_dir = cfg.inputs, cfg.out_dir
     expand_inputs(inputs)  # a missing input: one line, before a long tokenizer training
     tok, n_docs = get_tokenizer(cfg, inputs)
@@ -720,7 +718,7 @@ def tokenize_corpus(cfg):
     every = val_period(cfg, inputs, n_docs)
     threads = num_workers(cfg.workers)
     counts, n_docs = {}, 0
-    bar = tqdm(desc="tokenize", unit="doc", disable=None)
+    bar = progress(desc="tokenize", unit="doc")
 
     def encode(batch):
         nonlocal n_docs

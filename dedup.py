@@ -51,7 +51,7 @@ import numpy as np
 from data import (expand_inputs, iter_corpus, JsonlWriter, mix64, ngram_hashes, normalize_words, num_workers,
                   ordered_map, word_bytes)
 from benchmarks import EVAL_SETS, download_eval_set, eval_item_texts, local_eval_files
-from common import atomic_write
+from common import atomic_write, progress
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 _NGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)  # data.ngram_hashes' multiplier
@@ -591,10 +591,9 @@ def _batches(corpus, batch_docs, source_ids, skip_segments):
 def compute_features(cfg, state, source_ids, scratch, skip_segments):
     """Pass 1 on all cores. Signatures, shingle sets and line hashes go to the scratch files; returns
     per-document arrays and the reader's counts."""
-    from tqdm import tqdm
     counts = {}
     per_doc = {k: [] for k in ("meta", "words", "keys", "fingerprints", "set_sizes", "contaminated", "line_counts")}
-    bar = tqdm(desc="pass 1: signatures", unit="doc", disable=None)
+    bar = progress(desc="pass 1: signatures", unit="doc")
     files = {k: open(p, "wb") for k, p in scratch.items()}
     try:
         with Pool(num_workers(cfg.workers), initializer=_init_worker, initargs=(state,)) as pool:
@@ -667,9 +666,8 @@ def count_survivor_lines(cfg, line_counts, survivors, path):
 def write_survivors(cfg, survivors, words, sketch, skip_segments, per_source):
     """Pass 2: re-read the inputs in the same order; write the surviving documents, boilerplate lines
     removed, to out_dir/<source>/part_*.jsonl. Updates survivors, words and per_source in place."""
-    from tqdm import tqdm
     writers = {s: JsonlWriter(os.path.join(cfg.out_dir, s), cfg.docs_per_file) for s in per_source}
-    bar = tqdm(desc="pass 2: write", unit="doc", total=len(survivors), disable=None)
+    bar = progress(desc="pass 2: write", unit="doc", total=len(survivors))
     i = -1
     for i, (source, rec) in enumerate(iter_corpus(cfg.inputs, cfg.text_field)):
         bar.update(1)

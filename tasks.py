@@ -543,7 +543,7 @@ def write_jsonl(path, rows):
 
 
 def main(cfg):
-    from tqdm import tqdm
+    from common import progress
     from shards import write_shards
     from tokenizer import gpt2_tokenizer, train_tokenizer
 
@@ -572,7 +572,7 @@ def main(cfg):
         tok = train_tokenizer(docs, cfg.vocab_size)
     print(f"tokenizer {tok.name}: {tok.vocab_size} tokens, fingerprint {tok.fingerprint}")
     for split, rows in (("train", docs), ("val", [plain_document(ex) for ex in val])):
-        ids = tok.encode_batch(list(tqdm(rows, desc=f"tokenize {split}", leave=False)))
+        ids = tok.encode_batch(list(progress(rows, desc=f"tokenize {split}", leave=False)))
         n = write_shards(ids, tok, cfg.out_dir, split)
         print(f"{split}: {len(rows)} documents, {n} tokens")
     sft = with_hard(with_code(make_split(cfg.n_sft, cfg.seed + 2, "train", SFT_TEACHER), cfg.seed + 2, "train"),
