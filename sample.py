@@ -8,7 +8,7 @@ Sample from a checkpoint, or chat with it.
 
 The checkpoint says its format: a pretrained one ("plain") continues the prompt as text, as
 nanoGPT's sample.py does; an SFT/GRPO one ("chat") answers it as a user turn in its chat format
-(tasks.chat_messages_ids), and in --chat mode keeps the conversation (oldest turns are dropped when
+(tasks.chat_prompt_ids), and in --chat mode keeps the conversation (oldest turns are dropped when
 it no longer fits the context; '/reset' starts over, '/exit' or Ctrl-D ends). Sampling goes through
 the one sampling path (engine.generate): temperature (0 = greedy), top-k, top-p.
 """
@@ -19,7 +19,7 @@ import torch
 
 from common import load_checkpoint, log, parse_config, pick_device, pick_kernels, set_threads
 from engine import generate
-from tasks import chat_messages_ids
+from tasks import chat_prompt_ids
 
 
 @dataclass
@@ -50,8 +50,7 @@ def check_options(cfg, max_seq_len):
 def prompt_tokens(tok, fmt, messages_or_text):
     """What the model continues: text after <|bos|> (plain), or the conversation + <|assistant|> (chat)."""
     if fmt == "chat":
-        ids, _ = chat_messages_ids(tok, messages_or_text)
-        return ids + [tok.assistant_id]
+        return chat_prompt_ids(tok, messages_or_text)
     return [tok.bos_id] + tok.encode(messages_or_text)
 
 

@@ -245,14 +245,13 @@ def chat_prompt_ids(tok, question):
     template's rendering with the generation prompt, ids equal to transformers'
     `apply_chat_template(messages, add_generation_prompt=True)` (a system turn included where the template
     adds one). Without one (nanoforge's own tokenizer): <|bos|><|user|>question<|end|><|assistant|>.
-    `question` may also be a list of messages."""
+    `question` may also be a list of messages (a conversation of any number of turns, the one prompt
+    renderer that eval, GRPO and sample.py share)."""
     if tok.chat_template is not None:
         return tok.apply_chat_template(chat_messages(question), add_generation_prompt=True)
-    if isinstance(question, list):
-        if len(question) != 1 or question[0].get("role") != "user":
-            raise ValueError("nanoforge's own chat format has one user turn; got "
-                             f"{[m.get('role') for m in question]}")
-        question = question[0]["content"]
+    if isinstance(question, list):  # a conversation of any length: its turns, then <|assistant|>
+        ids, _ = chat_messages_ids(tok, question)
+        return ids + [tok.assistant_id]
     return [tok.bos_id, tok.user_id] + tok.encode(question) + [tok.end_id, tok.assistant_id]
 
 
@@ -293,12 +292,9 @@ def chat_messages_ids(tok, messages):
     its closing <|end|> (so the model learns to stop), never on user text or the role tokens. A
     leading system message has no role token of its own: it is prepended to the first user turn
     (what nanochat does). One user + one assistant turn gives exactly chat_example_ids."""
+    if getattr(tok, "chat_template", None) is not None:  # an imported tokenizer's own template
+        return template_messages_ids(tok, messages)
     messages = merge_system(messages)
-    if getattr(tok, "chat_template", None) is not None:  # an imported tokenizer's template (issue 7's renderer)
-        if [x["role"] for x in messages] == ["user", "assistant"]:
-            return chat_example_ids(tok, messages[0]["content"], messages[1]["content"])
-        raise SystemExit("error: multi-turn conversations with a Hugging Face chat template are not supported yet; "
-                         "use one user + one assistant turn per row, or a nanoforge tokenizer")
     ids, mask = [tok.bos_id], [0]
     for m in messages:
         if m["role"] == "user":
@@ -309,6 +305,39 @@ def chat_messages_ids(tok, messages):
             reply = tok.encode(m["content"]) + [tok.end_id]
             ids += [tok.assistant_id] + reply
             mask += [0] + [1] * len(reply)
+    return ids, mask
+
+
+def template_messages_ids(tok, messages):
+    """chat_messages_ids with the model's chat template: ids equal to transformers'
+    `apply_chat_template(messages)`, the mask on every assistant turn. Turn j's supervised bytes are
+    those the template adds between rendering messages[:j] with the generation prompt and rendering
+    messages[:j+1] (TRL's prompt-completion rule, applied per turn); a token straddling a boundary
+    counts as supervised. A template that rewrites earlier turns (so a shorter conversation is not a
+    prefix of the longer one, e.g. DeepSeek-R1's dropping of reasoning) cannot be masked that way: a
+    single user + assistant pair then falls back to chat_example_ids, longer ones get one clear line."""
+    roles = [m["role"] for m in messages]
+    if roles[-1:] != ["assistant"] or "user" not in roles:
+        raise ValueError(f"a conversation needs a user turn and must end with an assistant turn; got {roles}")
+    if [r for r in roles if r != "system"] == ["user", "assistant"]:
+        return chat_example_ids(tok, messages[:-1], messages[-1]["content"])
+    render = lambda msgs, gen: tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)  # noqa: E731
+    full_text = render(messages, False)
+    spans = []
+    for j, r in enumerate(roles):
+        if r != "assistant":
+            continue
+        before, through = render(messages[:j], True), render(messages[:j + 1], False)
+        if not (full_text.startswith(through) and through.startswith(before)):
+            raise SystemExit("error: this model's chat template rewrites earlier turns (a conversation's prefix does "
+                             "not render as a prefix), so multi-turn rows cannot be masked turn by turn; use one "
+                             "user + one assistant turn per row")
+        spans.append((len(tok.encode_text_bytes(before)), len(tok.encode_text_bytes(through))))
+    ids = tok.encode(full_text, specials=True)
+    mask, end = [], 0
+    for i in ids:
+        start, end = end, end + len(tok.token_bytes(i))
+        mask.append(int(any(end > a and start < b for a, b in spans)))
     return ids, mask
 
 
@@ -332,8 +361,7 @@ def example_prompt_ids(tok, ex, fmt):
     """The prompt of a loaded example (load_examples): a chat model continues the whole
     conversation before the last assistant turn; a base model sees the last question as plain text."""
     if fmt == "chat" and len(ex.get("context", ())) > 1:
-        ids, _ = chat_messages_ids(tok, ex["context"])
-        return ids + [tok.assistant_id]
+        return chat_prompt_ids(tok, ex["context"])
     return prompt_ids(tok, ex["question"], fmt)
 
 
@@ -424,7 +452,8 @@ ROW_FORMATS = ('{"question", "answer"} (GSM8K: the answer ends in "#### N"), {"q
 def _example(row, need):
     """One JSONL row -> the normalized example, or a string saying what is wrong with it.
 
-    Example: {"messages": the whole conversation (system merged into the first user turn),
+    Example: {"messages": the whole conversation as written (nanoforge's own format merges a system turn
+              into the first user turn when rendering; a chat template renders it itself),
               "context": the turns before the last assistant turn (the prompt),
               "question": the last user turn's text, "answer": the last assistant turn's text or None,
               "target": the reference answer (a normalized number as text) or None,
@@ -443,7 +472,7 @@ def _example(row, need):
                 return f'messages[{j}] must be {{"role": "user"|"assistant"|"system", "content": text}}'
             if m["role"] == "system" and j > 0:
                 return f"messages[{j}] is a system message; only the first message may be one"
-        msgs = merge_system(msgs)
+        raw, msgs = msgs, merge_system(msgs)  # validated merged; kept as written (a chat template renders system turns)
         if not msgs or msgs[0]["role"] != "user":
             return "the conversation must start with a user turn (after an optional system message)"
         for a, b in zip(msgs, msgs[1:]):
@@ -455,6 +484,7 @@ def _example(row, need):
         question = context[-1]["content"]
         if context[-1]["role"] != "user":
             return "the conversation has no user turn before its last assistant turn"
+        msgs, context = raw, raw[:len(context) + len(raw) - len(msgs)]
         target = row.get("target")
     else:
         question, answer, target = row.get("question", row.get("prompt")), row.get("answer"), row.get("target")

@@ -17,7 +17,7 @@ tokenizers = pytest.importorskip("tokenizers", reason="test-time dependency (req
 import hf  # noqa: E402
 from common import load_checkpoint  # noqa: E402
 from engine import generate  # noqa: E402
-from tasks import chat_example_ids, chat_prompt_ids, prompt_ids  # noqa: E402
+from tasks import chat_example_ids, chat_messages_ids, chat_prompt_ids, example_prompt_ids, load_examples, prompt_ids  # noqa: E402
 from tokenizer import Tokenizer, tokenizer_from_hf  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -283,6 +283,36 @@ def test_chatml_rendering_and_loss_mask(chatml_tok_dir):
         assert ids[len(ids) - 1 - ids[::-1].index(tok.end_id)] == tok.end_id and all(mask[n:])
     text = chat_prompt_ids(tok, "hi")
     assert ref.decode(text).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_multi_turn_rows_with_a_chat_template(chatml_tok_dir, tmp_path):
+    """Several turns through the model's template: ids equal to transformers' rendering, and the loss mask
+    is 1 exactly on what each assistant turn adds after the generation prompt of the conversation so
+    far (both boundaries taken from transformers' own renderings of the prefixes)."""
+    tok, ref = tokenizer_from_hf(chatml_tok_dir), transformers.AutoTokenizer.from_pretrained(chatml_tok_dir)
+    texts = [t.strip() or "x" for t in varied_corpus(40, seed=21)]
+    rng = random.Random(3)
+    for case in range(8):
+        msgs = [{"role": "system", "content": "Be brief."}] if case % 2 else []
+        for turn in range(rng.randint(2, 3)):
+            msgs += [{"role": "user", "content": rng.choice(texts)}, {"role": "assistant", "content": rng.choice(texts)}]
+        full = ref.apply_chat_template(msgs)["input_ids"]
+        ids, mask = chat_messages_ids(tok, msgs)
+        assert ids == full
+        want = [0] * len(full)
+        for j, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                a = len(ref.apply_chat_template(msgs[:j], add_generation_prompt=True)["input_ids"])
+                b = len(ref.apply_chat_template(msgs[:j + 1])["input_ids"])
+                assert full[:b] == ref.apply_chat_template(msgs[:j + 1])["input_ids"]
+                want[a:b] = [1] * (b - a)
+        assert mask == want
+        # the prompt of such a row (for eval / GRPO / sample.py) is the conversation before its last
+        # assistant turn, with the generation prompt
+        rows = tmp_path / f"rows{case}.jsonl"
+        rows.write_text(json.dumps({"messages": msgs}) + "\n")
+        ex = load_examples(str(rows), "answer", "rows")[0]
+        assert example_prompt_ids(tok, ex, "chat") == ref.apply_chat_template(msgs[:-1], add_generation_prompt=True)["input_ids"]
 
 
 def test_deepseek_r1_template(tmp_path):

@@ -57,10 +57,12 @@ def test_loader_takes_the_three_row_formats(tmp_path):
     gsm, qt, chat = tasks.load_examples(path, "target")
     assert (gsm["question"], gsm["target"]) == (GSM["question"], "5")
     assert (qt["question"], qt["target"], qt["answer"]) == (QT["question"], "1001", None)
-    # the prompt of a multi-turn row is everything before its last assistant turn; system joins the first user turn
+    # the prompt of a multi-turn row is everything before its last assistant turn, kept as written (a chat
+    # template renders the system turn itself); nanoforge's own format joins system to the first user turn
     assert chat["question"] == "And times 3?" and chat["target"] == "12"
-    assert [m["role"] for m in chat["context"]] == ["user", "assistant", "user"]
-    assert chat["context"][0]["content"] == "Be brief.\n\nWhat is 2 + 2?"
+    assert [m["role"] for m in chat["context"]] == ["system", "user", "assistant", "user"]
+    assert chat["context"][:2] == CHAT["messages"][:2]
+    assert tasks.merge_system(chat["context"])[0]["content"] == "Be brief.\n\nWhat is 2 + 2?"
     # SFT needs something to train on: the {question, target} row is refused, counted and named
     with pytest.raises(SystemExit, match=r"1 of 3 rows .*rows\.jsonl:2 has nothing to train on"):
         tasks.load_examples(path, "answer")
