@@ -90,7 +90,7 @@ def hf_compare(cfg):
     reqs = []
     for task in ("hellaswag", "arc_easy", "winogrande", "mmlu"):
         docs = B.load_docs(task, cfg.data_dir, limit=cfg.items, hub=_Offline(), log=lambda *_: None)
-        reqs += [B.FORMATS[task](d) for d in docs]
+        reqs += [B.FORMATS[task](d) for d in docs[:cfg.items]]  # MMLU's limit is per subject: keep cfg.items
     add_bos = meta.get("stage") != "import"
 
     class hf_encoder:
@@ -100,6 +100,7 @@ def hf_compare(cfg):
         def encode(text):
             return ref_tok(text, add_special_tokens=False)["input_ids"]
 
+    torch.set_grad_enabled(False)
     ours = B.score_items(model, tok, reqs, add_bos=add_bos, progress=False)
     worst, same_ids, n = 0.0, 0, 0
     for r, o in zip(reqs, ours):
