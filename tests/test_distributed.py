@@ -1,15 +1,19 @@
 """Data parallelism on this CPU: torch.distributed with the gloo backend and 2 processes.
 N ranks x grad_accum A must train exactly like 1 rank x grad_accum N*A on the same data (pretrain and SFT),
-and a 2-rank run resumed from its checkpoint must equal the uninterrupted 2-rank run."""
+and a 2-rank run resumed from its checkpoint must equal the uninterrupted 2-rank run. eval.py on 2 ranks
+must give the same completions and numbers as on 1."""
+import functools
 import json
 import os
 import socket
+import zlib
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import common
+import eval as evaluation
 import pretrain
 import sft
 from demo_fixture import tiny_data  # noqa: F401  (session fixture)
@@ -30,11 +34,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, stage, cfg, stop_at_step):
+def _worker(rank, world, port, stage, cfg, stop_at_step, setup=None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    mod = {"pretrain": pretrain, "sft": sft}[stage]
+    if setup is not None:
+        setup()
+    mod = {"pretrain": pretrain, "sft": sft, "eval": evaluation}[stage]
     if stop_at_step:  # every rank stops at the start of that step, as a killed job would after its checkpoint
         real_lr_at = pretrain.lr_at
 
@@ -49,8 +55,8 @@ def _worker(rank, world, port, stage, cfg, stop_at_step):
         pass
 
 
-def run_ranks(stage, cfg, world=2, stop_at_step=0):
-    mp.start_processes(_worker, args=(world, _free_port(), stage, cfg, stop_at_step), nprocs=world,
+def run_ranks(stage, cfg, world=2, stop_at_step=0, setup=None):
+    mp.start_processes(_worker, args=(world, _free_port(), stage, cfg, stop_at_step, setup), nprocs=world,
                        start_method="spawn")
 
 
@@ -105,3 +111,43 @@ def test_sft_two_ranks_equal_one_rank_with_accumulation(tiny_data, two_rank_pret
     for (_, la), (_, lb) in zip(a, b):
         assert la == pytest.approx(lb, rel=1e-5)
     assert_same_weights(one, two)
+
+
+# ---------------------------------------------------------------------------------------------- eval.py
+
+_text_loss = evaluation.text_loss
+
+
+def _eval_setup(patch=None):
+    """Both eval runs (1 process, 2 ranks): a scorer that depends on each item and its completion's exact text
+    (a CRC: a quarter right, so a completion scored against the wrong item, or a different sample, shows) and
+    records what it was given in $SCORED.<rank>; text-loss batches of 4 windows (so 2 ranks each score some)."""
+    patch = patch or (lambda name, value: setattr(evaluation, name, value))
+
+    def score_batch(rows, texts, isolation_mode=None):
+        with open(f"{os.environ['SCORED']}.{os.environ.get('RANK', '0')}", "a") as f:
+            f.write(json.dumps([[r["question"] for r in rows], texts]) + "\n")
+        return [float(zlib.crc32((r["question"] + t).encode()) % 4 == 0) for r, t in zip(rows, texts)]
+    patch("score_batch", score_batch)
+    patch("text_loss", functools.partial(_text_loss, batch_size=4))
+
+
+def test_eval_two_ranks_equal_one_process(tiny_data, two_rank_pretrain, tmp_path, monkeypatch):  # noqa: F811
+    # 16 held-out items: greedy in 2 chunks of 8, pass@4 samples in 8 chunks of 2 problems, split across ranks
+    cfg = dict(ckpts=str(two_rank_pretrain), data_dir=str(tiny_data), n_heldout=16, k=4, batch_size=8,
+               max_new_tokens=12, device="cpu", kernels="torch")
+    _eval_setup(lambda name, value: monkeypatch.setattr(evaluation, name, value))
+    monkeypatch.setenv("SCORED", str(tmp_path / "one"))
+    evaluation.main(evaluation.EvalConfig(out=str(tmp_path / "one"), **cfg))
+    monkeypatch.setenv("SCORED", str(tmp_path / "two"))  # the spawned ranks inherit it
+    run_ranks("eval", evaluation.EvalConfig(out=str(tmp_path / "two"), **cfg), setup=_eval_setup)
+    # every rank scored exactly the items and completions (greedy, then 4 samples each) one process did, in order
+    scored = [open(tmp_path / name).read() for name in ("one.0", "two.0", "two.1")]
+    assert scored[0] == scored[1] == scored[2] and len(scored[0].splitlines()) == 2
+    one, two = (json.load(open(tmp_path / f"{n}.json"))["rows"][0] for n in ("one", "two"))
+    assert one["n_heldout"] == two["n_heldout"] == 16
+    assert 0 < one["pass@1"] < 100 and 0 < one["pass@4"] < 100  # the CRC scorer: not all equal
+    for key in ("pass@1", "pass@4", "truncated"):
+        assert one[key] == two[key], key
+    assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-12)  # float64 sums, added in another order
+    assert one["bpb"] == pytest.approx(two["bpb"], rel=1e-12)
