@@ -1,7 +1,8 @@
 """Data parallelism on this CPU: torch.distributed with the gloo backend and 2 processes.
 N ranks x grad_accum A must train exactly like 1 rank x grad_accum N*A on the same data (pretrain and SFT),
 and a 2-rank run resumed from its checkpoint must equal the uninterrupted 2-rank run. eval.py on 2 ranks
-must give the same completions and numbers as on 1."""
+must give the same completions and numbers as on 1. GRPO on 2 ranks x P/2 prompts must train like 1 rank x P
+prompts given the same completions."""
 import functools
 import json
 import os
@@ -14,6 +15,7 @@ import torch.multiprocessing as mp
 
 import common
 import eval as evaluation
+import grpo
 import pretrain
 import sft
 from demo_fixture import tiny_data  # noqa: F401  (session fixture)
@@ -40,7 +42,7 @@ def _worker(rank, world, port, stage, cfg, stop_at_step, setup=None):
     torch.set_num_threads(1)
     if setup is not None:
         setup()
-    mod = {"pretrain": pretrain, "sft": sft, "eval": evaluation}[stage]
+    mod = {"pretrain": pretrain, "sft": sft, "eval": evaluation, "grpo": grpo}[stage]
     if stop_at_step:  # every rank stops at the start of that step, as a killed job would after its checkpoint
         real_lr_at = pretrain.lr_at
 
@@ -151,3 +153,74 @@ def test_eval_two_ranks_equal_one_process(tiny_data, two_rank_pretrain, tmp_path
         assert one[key] == two[key], key
     assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-12)  # float64 sums, added in another order
     assert one["bpb"] == pytest.approx(two["bpb"], rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- GRPO
+
+def _fake_completions(model, tok, prompts, budget, cfg, gen):
+    """The completions of a prompt as a function of the prompt and its copy index only (not of the rank, the
+    batch or the generator): the j-th copy of a prompt gets random tokens, 1..budget of them, from a generator
+    seeded by (prompt, j). Records the prompts it was given in $SAMPLED.<rank>."""
+    with open(f"{os.environ['SAMPLED']}.{os.environ.get('RANK', '0')}", "a") as f:
+        f.write(json.dumps(prompts) + "\n")
+    outs, copy = [], 0
+    for i, p in enumerate(prompts):
+        copy = copy + 1 if i and prompts[i - 1] == p else 0
+        g = torch.Generator().manual_seed(zlib.crc32(json.dumps(p).encode()) * 100 + copy)
+        n = int(torch.randint(1, budget + 1, (1,), generator=g))
+        outs.append(torch.randint(4, tok.vocab_size, (n,), generator=g).tolist())
+    return outs, [len(o) == budget for o in outs]
+
+
+def _grpo_setup(patch=None):
+    patch = patch or (lambda name, value: setattr(grpo, name, value))
+    patch("sample_completions", _fake_completions)
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_data, tmp_path_factory):  # noqa: F811
+    from model import GPT, ModelConfig
+    from tokenizer import tokenizer_from_json
+    tok = tokenizer_from_json(open(tiny_data / "tokenizer.json").read())
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64,
+                            max_seq_len=128))
+    out = tmp_path_factory.mktemp("policy")
+    common.save_checkpoint(str(out), stage="sft", step=0, model=model, tok=tok, train_cfg=grpo.GRPOConfig(),
+                           extra={"fmt": "chat"})
+    return out
+
+
+@pytest.mark.parametrize("opts", [dict(loss_type="dapo", scale_rewards="group", beta=0.04),
+                                  dict(loss_type="grpo", scale_rewards="batch", beta=0.0, num_iterations=2)],
+                         ids=["dapo-group", "grpo-batch-ppo2"])
+def test_grpo_two_ranks_equal_one_rank(tiny_data, tiny_policy, tmp_path, monkeypatch, opts):  # noqa: F811
+    # 4 prompts x 3 completions per iteration; micro-batches of 4 sequences: 3 micro-steps on 1 rank, 2 per rank
+    # on 2 (gradient sync on the last only). Cosine length rewards: random lengths, so groups carry signal.
+    cfg = dict(init_from=str(tiny_policy), data=str(tiny_data / "rl.jsonl"), iterations=2, prompts_per_iter=4,
+               group_size=3, max_new_tokens=10, micro_batch=4, reward_funcs="cosine", lr=3e-3, n_eval=0,
+               eval_interval=100, device="cpu", kernels="torch", **opts)
+    _grpo_setup(lambda name, value: monkeypatch.setattr(grpo, name, value))
+    monkeypatch.setenv("SAMPLED", str(tmp_path / "one"))
+    grpo.main(grpo.GRPOConfig(out_dir=str(tmp_path / "one"), **cfg))
+    monkeypatch.setenv("SAMPLED", str(tmp_path / "two"))
+    run_ranks("grpo", grpo.GRPOConfig(out_dir=str(tmp_path / "two"), **cfg), setup=_grpo_setup)
+    # whole groups per rank: each iteration's prompts split into two disjoint halves, their union the 1-rank batch
+    one = [json.loads(line) for line in open(tmp_path / "one.0")]
+    r0, r1 = ([json.loads(line) for line in open(tmp_path / f"two.{r}")] for r in (0, 1))
+    assert len(one) == len(r0) == len(r1) == 2
+    for it in range(2):
+        assert r0[it] + r1[it] == one[it] and len(r0[it]) == len(r1[it]) == 6
+        assert not {json.dumps(p) for p in r0[it]} & {json.dumps(p) for p in r1[it]}
+    a, b = ([json.loads(line) for line in open(tmp_path / n / "metrics.jsonl")] for n in ("one", "two"))
+    a, b = [r for r in a if "reward" in r], [r for r in b if "reward" in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        assert ra["adv_abs"] > 0  # the batch carried a gradient
+        for key in ("reward", "accuracy", "response_len", "truncated", "groups_sampled", "reward_cosine", "adv_abs"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=2e-6), key  # metrics.jsonl keeps 6 decimals
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    moved = common.load_checkpoint(str(tmp_path / "one"))[0].state_dict()
+    start = common.load_checkpoint(str(tiny_policy))[0].state_dict()
+    assert max((moved[k] - start[k]).abs().max().item() for k in start) > 1e-4  # the update was not a no-op
