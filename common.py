@@ -285,6 +285,67 @@ def init_distributed(device_name="auto"):
     return rank, world, device
 
 
+def shard_model(model):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`): each block, then the root (embedding, final norm), so that
+    parameters, gradients and optimizer state are split across the ranks; a block's weights are gathered for
+    its forward and backward only. Build the optimizer after this (its parameters are the shards)."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def grad_sync(model, sync):
+    """A context for one micro-step's forward+backward: gradients reduced across ranks only when `sync` (the
+    last micro-step). DDP: no_sync(); FSDP2: set_requires_gradient_sync; a single process: nothing."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def _optim_order(model, optimizer):
+    """Parameter names in the order a single process's optimizer.state_dict() numbers them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def gather_full(model, optimizer, device):
+    """A sharded (FSDP2) model's full weights and optimizer state, gathered to rank 0 on the CPU
+    (torch.distributed.checkpoint.state_dict, full_state_dict + cpu_offload); every rank must call it.
+    -> on rank 0 (a plain GPT on `device`, an object whose state_dict() is the optimizer state exactly as a
+    single process's AdamW writes it: parameter indices, not names), so save_checkpoint writes a checkpoint
+    that loads in one process; (None, None) on the other ranks."""
+    import types
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    if torch.distributed.get_rank() != 0:
+        return None, None
+    plain = GPT.from_state_dict(model.cfg, msd).to(device)
+    if osd is None:
+        return plain, None
+    index = {n: i for i, n in enumerate(_optim_order(model, optimizer))}
+    full = {"state": {index[n]: v for n, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]}
+    return plain, types.SimpleNamespace(state_dict=lambda: full)
+
+
+def load_sharded_optimizer(model, optimizer, path):
+    """--resume of a sharded (FSDP2) run: the full optimizer state of `path` (as gather_full saved it, the
+    single-process layout) split into this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    sd = torch.load(path, weights_only=True)
+    order = _optim_order(model, optimizer)
+    named = {"state": {order[i]: v for i, v in sd["state"].items()},
+             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
 def pick_kernels(name, device):
     """'auto' = the Triton kernels on CUDA, PyTorch elsewhere."""
     if name == "auto":
@@ -709,6 +770,7 @@ class Run:
     def __init__(self, cfg, stage, ckpt):
         self.cfg, self.stage, self.ckpt, self.out_dir = cfg, stage, ckpt, cfg.out_dir
         self.rank = int(os.environ.get("RANK", "0"))  # under torchrun rank 0 owns out_dir (lock, saves, messages)
+        self.collective_save = False  # every rank calls save (FSDP: the weights are gathered); rank 0 writes
         self.signal = None          # the first SIGTERM/SIGINT received
         self.in_loop = False        # inside run.loop: defer the stop to the end of the current step
         self._old_handlers = {}
@@ -731,7 +793,7 @@ class Run:
             for step in steps:
                 yield step
                 if self._stop_everywhere():
-                    if self.rank == 0 and checkpoint_step(self.out_dir) != step + 1:
+                    if (self.rank == 0 or self.collective_save) and checkpoint_step(self.out_dir) != step + 1:
                         save(step + 1)
                     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") \
                         else f"{self.stage}.py"

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 from benchmarks import DEFAULT_DATA_DIR
-from common import (atomic_write, autocast, load_checkpoint, log, parse_config, pick_device, pick_kernels, progress,
-                    set_threads)
+from common import (atomic_write, autocast, init_distributed, load_checkpoint, log, parse_config, pick_kernels,
+                    progress, set_threads)
 from engine import Engine, stop_tokens_for
 from tasks import example_prompt_ids, load_examples, read_jsonl, stop_at_end
 from verifiers import CORRECT, kind_of, score_batch
@@ -115,33 +115,50 @@ def check_budget(tok, examples, max_new_tokens, what):
 
 
 def completions(model, tok, examples, fmt, n_samples, temperature, max_new_tokens, batch_size, seed,
-                desc=None):
+                desc=None, rank=0, world=1):
     """n_samples completions (text) for each example, grouped: out[i] is the list for examples[i];
-    and the fraction of all completions cut off by max_new_tokens (the engine's truncated flag)."""
+    and the fraction of all completions cut off by max_new_tokens (the engine's truncated flag).
+    The examples go to the engine in chunks; chunk c samples from a generator seeded with seed + CHUNK_SEED * c
+    (chunk 0: `seed` itself), so a chunk's completions do not depend on which process generated it. Under
+    torchrun (world > 1) rank r generates chunks r, r + world, ... and every rank gets all of them back
+    (all_gather_object): the same texts as one process."""
     engine = Engine(model, max_batch=batch_size)
-    gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
+    gen = torch.Generator(device=model.embed.weight.device)
     per_chunk = max(1, batch_size // n_samples)  # examples per engine call, for the progress lines
-    texts, n_cut = [], 0
-    for i in progress(range(0, len(examples), per_chunk), desc=desc, leave=False, disable=desc is None):
+    mine = []  # (chunk start, texts, cut-off count) of this rank's chunks
+    starts = range(0, len(examples), per_chunk)
+    for c in progress(range(rank, len(starts), world), desc=desc, leave=False, disable=desc is None or rank != 0):
+        i = starts[c]
+        gen.manual_seed(seed + CHUNK_SEED * c)
         prompts = [example_prompt_ids(tok, ex, fmt) for ex in examples[i:i + per_chunk]]
         out = engine.generate(prompts, n=n_samples, max_new_tokens=max_new_tokens,
                               stop_tokens=stop_tokens_for(tok, fmt), temperature=temperature, generator=gen)
-        texts += [[stop_at_end(tok.decode(s.tokens), fmt) for s in group] for group in out]
-        n_cut += sum(s.truncated for group in out for s in group)
+        mine.append((i, [[stop_at_end(tok.decode(s.tokens), fmt) for s in group] for group in out],
+                     sum(s.truncated for group in out for s in group)))
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+        mine = sorted(p for part in parts for p in part)
+    texts = [t for _, chunk, _ in mine for t in chunk]
+    n_cut = sum(n for _, _, n in mine)
     return texts, n_cut / max(1, len(examples) * n_samples)
+
+
+CHUNK_SEED = 1_000_003  # seed offset between consecutive generation chunks (see completions)
 
 
 @torch.no_grad()
 def heldout_accuracy(model, tok, problems, fmt, k=8, temperature=1.0, max_new_tokens=64, batch_size=256,
-                     seed=0, desc=None, sandbox="auto"):
+                     seed=0, desc=None, sandbox="auto", rank=0, world=1):
     """-> {"pass@1": %, "pass@k": %, "truncated": % of greedy completions cut off by max_new_tokens} on
     problems (examples of tasks.load_examples; their raw rows of any kind are scored by verifiers.py),
     plus "pass@1/<kind>" for each task kind when there are several. pass@1 is greedy; a completion is
-    correct when its kind's verifier gives it >= 0.99."""
+    correct when its kind's verifier gives it >= 0.99. Under torchrun every rank calls it with its rank and
+    the world size: the ranks generate disjoint chunks of the problems, and all return the same numbers."""
     was_training = model.training
     model.eval()
     rows = [p.get("row", p) for p in problems]
-    greedy, cut = completions(model, tok, problems, fmt, 1, 0.0, max_new_tokens, batch_size, seed, desc)
+    greedy, cut = completions(model, tok, problems, fmt, 1, 0.0, max_new_tokens, batch_size, seed, desc, rank, world)
     warn_truncation(cut, "held-out greedy", max_new_tokens)
     ok = [r is not None and r >= CORRECT
           for r in score_batch(rows, [g[0] for g in greedy], isolation_mode=sandbox)]
@@ -153,7 +170,7 @@ def heldout_accuracy(model, tok, problems, fmt, k=8, temperature=1.0, max_new_to
             res[f"pass@1/{kind}"] = 100 * sum(ok[i] for i in idx) / len(idx)
     if k > 0:
         samples, _ = completions(model, tok, problems, fmt, k, temperature, max_new_tokens, batch_size, seed + 1,
-                                 desc)
+                                 desc, rank, world)
         flat = score_batch([r for r in rows for _ in range(k)], [s for ss in samples for s in ss],
                            isolation_mode=sandbox)
         pk = sum(any(r is not None and r >= CORRECT for r in flat[i * k:(i + 1) * k]) for i in range(len(problems)))
@@ -185,10 +202,11 @@ def read_texts(path):
 
 
 @torch.no_grad()
-def text_loss(model, tok, texts, device, batch_size=32, max_windows=0):
+def text_loss(model, tok, texts, device, batch_size=32, max_windows=0, rank=0, world=1):
     """Mean NLL per token (nats) and bits per byte over documents, each starting with <|bos|>.
     A document longer than the context is cut into consecutive max_seq_len windows (each token is
-    predicted once); at most max_windows windows (0 = all) are scored."""
+    predicted once); at most max_windows windows (0 = all) are scored. Under torchrun rank r scores
+    batches r, r + world, ... and the sums are all-reduced."""
     model.eval()
     max_len = model.cfg.max_seq_len
     windows = []
@@ -199,7 +217,7 @@ def text_loss(model, tok, texts, device, batch_size=32, max_windows=0):
             windows = windows[:max_windows]
             break
     nll, n_tok, n_bytes = 0.0, 0, 0
-    for i in range(0, len(windows), batch_size):
+    for i in range(rank * batch_size, len(windows), world * batch_size):
         rows = windows[i:i + batch_size]
         L = max(len(r) for r in rows)
         x = torch.zeros(len(rows), L - 1, dtype=torch.long)
@@ -214,6 +232,10 @@ def text_loss(model, tok, texts, device, batch_size=32, max_windows=0):
         nll -= lp[m].double().sum().item()
         n_tok += int(m.sum())
         n_bytes += sum(len(tok.decode(r[1:]).encode()) for r in rows)
+    if world > 1:
+        sums = torch.tensor([nll, n_tok, n_bytes], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        nll, n_tok, n_bytes = sums.tolist()
     return nll / n_tok, nll / (math.log(2) * n_bytes)
 
 
@@ -281,19 +303,26 @@ def resolve_val_text(cfg):
 
 def main(cfg):
     set_threads()
-    device = pick_device(cfg.device)
+    # under torchrun: each rank generates and scores its share of the held-out items; rank 0 prints and writes
+    rank, world, device = init_distributed(cfg.device)
     kernels = pick_kernels(cfg.kernels, device)
     if cfg.tasks:
+        if world > 1 and rank != 0:  # the public benchmarks are not split: rank 0 runs them alone
+            return None
+        if world > 1:
+            log(f"note: --tasks runs on rank 0 only ({world} ranks started); launch it without torchrun")
         return benchmark_main(cfg, device, kernels)
+    say = log if rank == 0 else (lambda msg: None)
     heldout = cfg.heldout or os.path.join(cfg.data_dir, "heldout.jsonl")
     all_problems = load_examples(heldout, "target", "held-out", limit=cfg.n_heldout)
     val_path = resolve_val_text(cfg)
     val_texts = read_texts(val_path) if val_path else None
     if val_texts is None:
-        log("note: no --val_text given (and no <data_dir>/val_text.jsonl): validation loss and bits per byte "
+        say("note: no --val_text given (and no <data_dir>/val_text.jsonl): validation loss and bits per byte "
             "are skipped. Pass --val_text=FILE (a text file or JSONL with a \"text\" field) to measure them.")
-    log(f"eval: {len(all_problems)} held-out problems from {heldout}, pass@{cfg.k}, "
-        f"max_new_tokens {cfg.max_new_tokens}, device {device}, kernels {kernels}")
+    say(f"eval: {len(all_problems)} held-out problems from {heldout}, pass@{cfg.k}, "
+        f"max_new_tokens {cfg.max_new_tokens}, device {device}, kernels {kernels}"
+        + (f", {world} ranks" if world > 1 else ""))
     rows = []
     for path in [p for p in cfg.ckpts.split(",") if p]:
         t0 = time.time()
@@ -303,14 +332,18 @@ def main(cfg):
                                f"held-out problems for {ckpt}")
         check_budget(tok, problems, cfg.max_new_tokens, "held-out")
         acc = heldout_accuracy(model, tok, problems, fmt, cfg.k, cfg.temperature, cfg.max_new_tokens,
-                               cfg.batch_size, cfg.seed, desc=f"eval {meta['stage']}", sandbox=cfg.sandbox) \
-            if problems else {}
-        vloss, bpb = text_loss(model, tok, val_texts, device, max_windows=cfg.max_val_windows) if val_texts \
-            else (None, None)
+                               cfg.batch_size, cfg.seed, desc=f"eval {meta['stage']}", sandbox=cfg.sandbox,
+                               rank=rank, world=world) if problems else {}
+        vloss, bpb = text_loss(model, tok, val_texts, device, max_windows=cfg.max_val_windows, rank=rank,
+                               world=world) if val_texts else (None, None)
         row = {"stage": meta["stage"], "ckpt": ckpt, "step": meta["step"], "format": fmt, **acc,
                "val_loss": vloss, "bpb": bpb, "n_heldout": len(problems), "seconds": round(time.time() - t0, 1)}
-        log(json.dumps(row))
+        say(json.dumps(row))
         rows.append(row)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return rows
     table = format_table(rows, cfg.k)
     print("\n" + table + "\n")
     atomic_write(cfg.out + ".json", {"config": dataclasses.asdict(cfg), "rows": rows})

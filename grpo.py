@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from common import (Metrics, atomic_write, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
-                    pick_device, pick_kernels, save_checkpoint, seed_everything, set_threads, start_run,
+                    init_distributed, pick_kernels, save_checkpoint, seed_everything, set_threads, start_run,
                     check_model)
 from eval import heldout_accuracy
 from engine import Engine, stop_tokens_for
@@ -422,10 +422,24 @@ def rollout_batch(tok, prompts, completions, device):
 
 def policy_logprobs(model, x, y, temperature):
     """log softmax(logits / T)[y]: the policy at the temperature it samples with (TRL, verl)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # torchrun: through DDP's forward (LogprobsModule)
+        return model(x, y, temperature)
     h = model.hidden_states(x)
     if temperature > 0 and temperature != 1.0:
         h = h / temperature  # (h / T) @ W.T = logits / T
     return output_logprobs(h.flatten(0, 1), model.lm_head_weight, y.flatten(), model.cfg.kernels).view(y.shape)
+
+
+class LogprobsModule(torch.nn.Module):
+    """policy_logprobs as a module's forward, for DistributedDataParallel to wrap: DDP syncs the gradients of
+    what runs inside its forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, temperature):
+        return policy_logprobs(self.model, x, y, temperature)
 
 
 def sequence_logprobs(model, x, y, micro_batch, device, temperature=1.0):
@@ -460,18 +474,27 @@ def rollout(model, tok, pools, cfg, it, budget, device):
     dropped and more prompts drawn until `prompts_per_iter` informative groups are in or
     `max_sampling_rounds` rounds are spent (then the batch is what was found; verl raises instead).
     Returns the batch (prompts, completions, truncated, rewards (P, G), correct (P, G)) and stats."""
+    rank, world = ranks()  # under torchrun each rank samples whole groups for its share of the prompts
     rng = random.Random(cfg.seed * 100003 + it)  # a fresh, seeded draw per iteration: --resume needs no sampler state
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100003 + it)
-    G, want = cfg.group_size, cfg.prompts_per_iter
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100003 + it + RANK_SEED * rank)
+    G, want = cfg.group_size, cfg.prompts_per_iter // world
     taken = set()
     keep = {"prompts": [], "completions": [], "truncated": [], "rewards": [], "correct": [], "texts": []}
     sampled = all_equal = rounds = sampled_tokens = 0
     reward_means = {}
     while rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
-        rows = draw_prompts(pools, want - len(keep["rewards"]) if cfg.dynamic_sampling else want, rng, taken)
+        need = want - len(keep["rewards"]) if cfg.dynamic_sampling else want
+        if world > 1:  # ranks draw in lockstep (the same rows, enough for the rank lacking most), each keeps its slice
+            need = ranks_reduce(need, "max")
+            if need <= 0:
+                break
+        rows = draw_prompts(pools, need * world, rng, taken)
         if not rows:
             break
+        rows = rows[rank * need:(rank + 1) * need]  # this rank's share (all of them without torchrun)
         rounds += 1
+        if not rows:
+            continue
         prompts = [prompt_ids(tok, r["question"], "chat") for r in rows for _ in range(G)]
         completions, truncated = sample_completions(model, tok, prompts, budget, cfg, gen)
         texts = [tok.decode(c) for c in completions]
@@ -485,7 +508,7 @@ def rollout(model, tok, pools, cfg, it, budget, device):
         for k, v in means.items():
             reward_means[k] = reward_means.get(k, 0.0) + v * len(rows)
         for g in range(len(rows)):
-            if cfg.dynamic_sampling and not useful[g]:
+            if (cfg.dynamic_sampling and not useful[g]) or len(keep["rewards"]) >= want:
                 continue
             sl = slice(g * G, (g + 1) * G)
             keep["prompts"] += prompts[sl]
@@ -494,7 +517,7 @@ def rollout(model, tok, pools, cfg, it, budget, device):
             keep["texts"] += texts[sl]
             keep["rewards"].append(rewards[g])
             keep["correct"].append(correct[g])
-        if len(keep["rewards"]) >= want:
+        if len(keep["rewards"]) >= want and world == 1:
             break
     stats = {"frac_all_equal": all_equal / max(1, sampled), "groups_sampled": sampled,
              "sampled_len": sampled_tokens / max(1, sampled * G),
@@ -531,8 +554,7 @@ def train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it):
     """Steps 3-5 on one rollout batch: advantages, log-probs, `num_iterations` optimizer steps. -> stats."""
     rewards, correct = batch["rewards"], batch["correct"]
     # 3. advantages
-    advantages = group_advantages(rewards, correct, cfg.scale_rewards, cfg.advantage, cfg.mgpo_lambda,
-                                  cfg.adv_eps).flatten().to(device)
+    advantages = rank_advantages(rewards, correct, cfg).flatten().to(device)
     # 4. log-probs of the sampled tokens under the sampling policy (and the reference)
     x, y, mask = rollout_batch(None, batch["prompts"], batch["completions"], device)
     if cfg.mask_truncated_completions:  # DAPO overlong filtering
@@ -543,17 +565,21 @@ def train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it):
     # 5. policy update: the normaliser of the whole batch fixed before the micro-batch loop
     n = len(x)
     num_sequences, num_tokens = int((mask.sum(1) > 0).sum()), float(mask.sum())
+    world = ranks()[1]  # torchrun: the normaliser is the whole global batch's, over every rank
+    all_sequences, all_tokens = ranks_reduce(num_sequences), ranks_reduce(num_tokens)
     stats_sum = {}
     for _ in range(cfg.num_iterations):
         for i in range(0, n, cfg.micro_batch):
             sl = slice(i, i + cfg.micro_batch)
+            if world > 1:  # DDP: all-reduce the gradients in the backward of this rank's last micro-step only
+                model.require_backward_grad_sync = i + cfg.micro_batch >= n
             with autocast(device):
                 logp = policy_logprobs(model, x[sl], y[sl], cfg.temperature).float()
             loss, stats = grpo_loss(logp, old_logp[sl], advantages[sl], mask[sl], cfg.epsilon, cfg.epsilon_high,
                                     None if ref_logp is None else ref_logp[sl], cfg.beta, cfg.loss_type,
-                                    cfg.importance_sampling_level, budget, num_sequences, num_tokens)
+                                    cfg.importance_sampling_level, budget, all_sequences, all_tokens)
             check_finite(loss, "the loss", it, cfg.out_dir)
-            loss.backward()
+            (loss * world).backward()  # DDP averages the ranks' gradients: x world makes that their sum
             share = float(mask[sl].sum()) / max(num_tokens, 1) / cfg.num_iterations
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v * share
@@ -587,12 +613,75 @@ def load_pools(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
+# torchrun (data parallel): whole groups per rank, so advantages stay local; these are no-ops without it
+
+NO_METRICS = type("NoMetrics", (), {"write": lambda self, **row: None})()  # ranks other than 0 write none
+RANK_SEED = 1_000_000_007  # rank r samples with the seed of rank 0 plus r times this
+
+
+def ranks():
+    """(rank, world size) of the process group, (0, 1) without torchrun."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def ranks_reduce(value, op="sum"):
+    """A number summed (or the max / min) over the ranks; the value itself without torchrun."""
+    dist = torch.distributed
+    if ranks()[1] == 1:
+        return value
+    dev = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(float(value), dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return type(value)(t.item())
+
+
+def ranks_mean(row, weight, summed=("groups_sampled", "ds_groups")):
+    """Metrics of every rank as one row: the mean weighted by each rank's `weight` (its groups or sequences;
+    token-weighted stats such as clip fractions and KL are thus weighted by sequences across ranks), counts
+    summed. The row itself without torchrun."""
+    if ranks()[1] == 1:
+        return row
+    parts = [None] * ranks()[1]
+    torch.distributed.all_gather_object(parts, (row, weight))
+    out = {}
+    for k, v in row.items():
+        have = [(r[k], w) for r, w in parts if k in r]
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            out[k] = v
+        elif k in summed:
+            out[k] = sum(x for x, _ in have)
+        else:
+            total = sum(w for _, w in have)
+            out[k] = sum(x * w for x, w in have) / total if total else sum(x for x, _ in have) / len(have)
+    return out
+
+
+def rank_advantages(rewards, correct, cfg):
+    """group_advantages of this rank's groups. They are local (whole groups per rank), except scale_rewards=batch
+    under torchrun: the std of every rank's rewards, as one process would take it."""
+    rank, world = ranks()
+    if world == 1 or cfg.scale_rewards != "batch":
+        return group_advantages(rewards, correct, cfg.scale_rewards, cfg.advantage, cfg.mgpo_lambda, cfg.adv_eps)
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, (rewards.cpu(), correct.cpu()))
+    start = sum(len(r) for r, _ in parts[:rank])
+    adv = group_advantages(torch.cat([r for r, _ in parts]), torch.cat([c for _, c in parts]), cfg.scale_rewards,
+                           cfg.advantage, cfg.mgpo_lambda, cfg.adv_eps)
+    return adv[start:start + len(rewards)]
+
 
 def main(cfg):
     run = start_run(cfg, "grpo")  # lock, no accidental overwrite, saved settings on --resume, SIGTERM/SIGINT
     check_config(cfg)
     set_threads()
-    device = pick_device(cfg.device)
+    # under torchrun: each rank samples and trains on its share of the prompts (DDP); rank 0 logs and saves
+    rank, world, device = init_distributed(cfg.device)
+    if cfg.prompts_per_iter % world:
+        raise SystemExit(f"error: --prompts_per_iter={cfg.prompts_per_iter} must be a multiple of the {world} ranks "
+                         f"(whole groups stay on one rank)")
     kernels = pick_kernels(cfg.kernels, device)
     seed_everything(cfg.seed)
     # every input is read and validated (all rows, tasks.load_examples) before any checkpoint is loaded
@@ -615,7 +704,10 @@ def main(cfg):
     if cfg.resume:
         start = load_training_state(ckpt, optimizer)["step"]
         log(f"resuming from {ckpt} at iteration {start}")
-    metrics = Metrics(cfg.out_dir, resume_step=start if cfg.resume else None)
+    metrics = Metrics(cfg.out_dir, resume_step=start if cfg.resume else None) if rank == 0 else NO_METRICS
+    train_model = model
+    if world > 1:  # gradients averaged across ranks in the backward (see train_on_batch); sampling uses the bare model
+        train_model = torch.nn.parallel.DistributedDataParallel(LogprobsModule(model), broadcast_buffers=False)
     log("grpo config: " + json.dumps(asdict(cfg)))
 
     if cfg.prefilter_samples > 0:  # measured once on the starting policy, kept across resumes
@@ -628,7 +720,10 @@ def main(cfg):
                 kk, rr = difficulty_prefilter(model, tok, rows, cfg, device, f"pool {k}")
                 kept.append(kk)
                 rates.append(rr)
-            atomic_write(path, {"kept": kept, "pass_rates": rates})
+            if world > 1:  # every rank measured the same; rank 0's verdict is the one written and used
+                torch.distributed.broadcast_object_list(kept, src=0)
+            if rank == 0:
+                atomic_write(path, {"kept": kept, "pass_rates": rates})
             for k, rr in enumerate(rates):
                 vals = list(rr.values())
                 log(f"pre-filter pool {k}: {len(vals)} prompts measured, pass rate 0: "
@@ -645,7 +740,8 @@ def main(cfg):
 
     def evaluate(it):
         if problems:
-            acc = heldout_accuracy(model, tok, problems, "chat", k=0, max_new_tokens=cfg.max_new_tokens)
+            acc = heldout_accuracy(model, tok, problems, "chat", k=0, max_new_tokens=cfg.max_new_tokens, rank=rank,
+                                   world=world)
             metrics.write(step=it, heldout_pass1=acc["pass@1"], heldout_truncated=acc["truncated"])
             tqdm.write(f"iter {it}: held-out pass@1 {acc['pass@1']:.1f}%")
             return acc["pass@1"]
@@ -655,8 +751,9 @@ def main(cfg):
         hard_reset(model, ref, optimizer, cfg.reset_optimizer)
         if ref is not None:  # the new reference survives --resume: its own checkpoint directory
             ref_dir = os.path.join(cfg.out_dir, f"ref_it{it}")
-            save_checkpoint(ref_dir, stage="grpo", step=it, model=model, tok=tok, train_cfg=cfg,
-                            extra={"fmt": "chat"})
+            if rank == 0:
+                save_checkpoint(ref_dir, stage="grpo", step=it, model=model, tok=tok, train_cfg=cfg,
+                                extra={"fmt": "chat"})
             ref_from = ref_dir
         resets.append(it)
         metrics.write(step=it, reset=why, reset_optimizer=cfg.reset_optimizer)
@@ -664,23 +761,28 @@ def main(cfg):
                    f"({why})")
 
     def save(it):
+        if rank != 0:
+            return
         save_checkpoint(cfg.out_dir, stage="grpo", step=it, model=model, tok=tok, train_cfg=cfg,
                         optimizer=optimizer, extra={"fmt": "chat", "ref_from": ref_from, "resets": resets,
                                                     "best_pass1": best, "evals_since_best": stale})
 
     if start == 0:
         best = evaluate(0)
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo", dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo", dynamic_ncols=True,
+               disable=rank != 0)
     for it in run.loop(bar, save):
         t0 = time.time()
         budget = response_budget(cfg, it)
         # 1-2. sample groups (dynamic sampling: informative ones only) and score them
         batch, row = rollout(model, tok, pools, cfg, it, budget, device)
-        if len(batch["rewards"]) == 0:  # dynamic sampling found no informative group: no update this iteration
+        row = ranks_mean(row, row["groups_sampled"])
+        if ranks_reduce(len(batch["rewards"]), "min") == 0:  # dynamic sampling found no informative group: no update this iteration
             metrics.write(step=it + 1, skipped=1, seconds=time.time() - t0, **row)
             tqdm.write(f"iter {it}: no informative group in {row.get('ds_rounds', 1)} rounds; no update")
         else:
-            row.update(train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it))
+            row.update(ranks_mean(train_on_batch(train_model, ref, optimizer, batch, cfg, budget, device, it),
+                                  len(batch["completions"])))
             check_model(model, it + 1, cfg.out_dir)  # a blown-up policy stops here, not in the next sampling
             metrics.write(step=it + 1, seconds=time.time() - t0, **row)
             bar.set_postfix(acc=f"{row['accuracy']:.3f}", len=f"{row['response_len']:.0f}",
@@ -700,6 +802,8 @@ def main(cfg):
                         stale = 0
             save(done)
     bar.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
     run.close()
     log(f"grpo done: checkpoint in {os.path.join(cfg.out_dir, 'ckpt')}")
 

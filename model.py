@@ -42,10 +42,10 @@ PRESETS = {
     # SwiGLU 1536, vocab 49152, rope_theta 1e5, RMSNorm eps 1e-5, 8192 positions, tied embeddings
     "135m": dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, max_seq_len=8192,
                  rope_theta=100000.0, norm_eps=1e-5),
-    # Qwen2.5-1.5B's shape (tied embeddings; its q/k/v biases come in with a Hugging Face import): the size the
-    # RL recipes start from, for memory plans and the 1.5B GRPO run
+    # Qwen2.5-1.5B's shape (tied embeddings, biases on q/k/v as in its config): the size the RL recipes start
+    # from, for memory plans and the 1.5B GRPO run
     "qwen2.5-1.5b": dict(vocab_size=151936, n_layer=28, n_head=12, n_kv_head=2, d_model=1536, d_ff=8960,
-                         max_seq_len=4096, rope_theta=1000000.0, norm_eps=1e-6),
+                         max_seq_len=4096, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True),
 }
 
 SIZE_FLAGS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff")  # the dials that override a preset

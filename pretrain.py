@@ -14,13 +14,13 @@ tokens/s and MFU, metrics as JSON lines in <out_dir>/metrics.jsonl.
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from common import (Metrics, autocast, check_finite, init_distributed, load_checkpoint, load_training_state, log,
-                    parse_config, pick_kernels, progress, save_checkpoint, seed_everything, set_threads, start_run)
+from common import (Metrics, autocast, check_finite, gather_full, grad_sync, init_distributed, load_checkpoint,
+                    load_sharded_optimizer, load_training_state, log, parse_config, pick_kernels, progress,
+                    save_checkpoint, seed_everything, set_threads, shard_model, start_run)
 from engine import generate
 from memory import auto_micro_batch
 from shards import load_shards, sample_batch
@@ -65,6 +65,8 @@ class PretrainConfig:
     kernels: str = "auto"
     compile: bool = False
     gradient_checkpointing: bool = False  # keep only each block's input; rebuild activations in the backward
+    fsdp: bool = False             # under torchrun: shard weights, gradients and AdamW state across ranks (FSDP2)
+                                   # instead of a copy per rank (DDP); checkpoints are gathered whole to rank 0
     peak_tflops: float = 0.0       # for MFU; 0 = guess from the GPU name (H100/H200/A100), none on CPU
 
 
@@ -162,9 +164,15 @@ def main(cfg):
     val_shards = load_shards(cfg.data_dir, "val", expect_tokenizer=tok.fingerprint)
     if cfg.seq_len > model.cfg.max_seq_len:
         raise SystemExit(f"error: --seq_len={cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    fsdp = cfg.fsdp and world > 1
+    if fsdp:  # before the optimizer: its parameters are this rank's shards
+        shard_model(model)
+        run.collective_save = True  # a checkpoint gathers the weights from every rank
     optimizer = make_optimizer(model, cfg, device)
     if cfg.resume:
-        meta = load_training_state(ckpt, optimizer, np_rng)
+        meta = load_training_state(ckpt, None if fsdp else optimizer, np_rng)
+        if fsdp:
+            load_sharded_optimizer(model, optimizer, os.path.join(ckpt, "optim.pt"))
         start_step = meta["step"]
         log(f"resuming from {ckpt} at step {start_step}")
     metrics = Metrics(cfg.out_dir, resume_step=start_step if cfg.resume else None) if rank == 0 else None
@@ -178,7 +186,7 @@ def main(cfg):
     elif cfg.micro_batch:
         raise SystemExit(f"error: --micro_batch takes 'auto' (or nothing), got '{cfg.micro_batch}'")
     train_model = model
-    if world > 1:  # gradients are averaged across ranks in the backward of each rank's last micro-step
+    if world > 1 and not fsdp:  # gradients are averaged across ranks in the backward of each rank's last micro-step
         train_model = torch.nn.parallel.DistributedDataParallel(model)
     step_model = torch.compile(train_model) if cfg.compile else train_model
 
@@ -188,9 +196,12 @@ def main(cfg):
         log(f"pretrain: {model.num_params() / 1e6:.2f}M params, device {device}, kernels {kernels}, "
             f"{tokens_per_step} tokens/step, {cfg.max_steps} steps, tokenizer {tok.name} ({tok.vocab_size})"
             + (f", {world} ranks" if world > 1 else ""))
-    def save(step, vloss=None):
-        save_checkpoint(cfg.out_dir, stage="pretrain", step=step, model=model, tok=tok, train_cfg=cfg,
-                        optimizer=optimizer, np_rng=np_rng, extra={"val_loss": vloss, "fmt": "plain"})
+    def save(step, vloss=None, gathered=None):
+        m, opt = gathered or (gather_full(model, optimizer, device) if fsdp else (model, optimizer))
+        if m is None:  # FSDP: a rank other than 0, its part gathered
+            return
+        save_checkpoint(cfg.out_dir, stage="pretrain", step=step, model=m, tok=tok, train_cfg=cfg,
+                        optimizer=opt, np_rng=np_rng, extra={"val_loss": vloss, "fmt": "plain"})
 
     model.train()
     t0, tokens_since = time.time(), 0
@@ -210,22 +221,26 @@ def main(cfg):
                 continue
             x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
             last_micro = micro + world >= cfg.grad_accum * world
-            with autocast(device), (train_model.no_sync() if world > 1 and not last_micro else nullcontext()):
+            with autocast(device), grad_sync(train_model, last_micro):
                 loss = step_model(x, y) / cfg.grad_accum
                 check_finite(loss, "the loss", step, cfg.out_dir)
                 loss.backward()
             loss_sum += loss.item()
         if world > 1:  # the logged loss is the mean over all ranks, as one process would see it
             loss_sum = all_ranks_mean(loss_sum, device)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()  # FSDP: a DTensor
         check_finite(gnorm, "the gradient norm", step, cfg.out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_since += tokens_per_step
 
         last = step + 1 == cfg.max_steps
+        evaluate, checkpoint = (step + 1) % cfg.eval_interval == 0 or last, (step + 1) % cfg.ckpt_interval == 0 or last
+        gathered = gather_full(model, optimizer, device) if fsdp and (evaluate or checkpoint) else None
         if rank != 0:
             continue
+        eval_model = gathered[0] if gathered else model  # FSDP: the full weights, gathered on rank 0
         if (step + 1) % cfg.log_interval == 0 or last:
             dt = time.time() - t0
             tps = tokens_since / dt
@@ -233,14 +248,14 @@ def main(cfg):
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}")
             metrics.write(step=step + 1, loss=loss_sum, lr=lr, grad_norm=gnorm, tokens_per_s=tps, mfu=mfu)
             t0, tokens_since = time.time(), 0
-        if (step + 1) % cfg.eval_interval == 0 or last:
-            vloss = val_loss(model, val_shards, cfg, device)  # the bare model: DDP forwards are collective
+        if evaluate:
+            vloss = val_loss(eval_model, val_shards, cfg, device)  # the bare model: DDP forwards are collective
             bar.write(f"step {step + 1}: train loss {loss_sum:.4f}, val loss {vloss:.4f}")
             metrics.write(step=step + 1, val_loss=vloss)
-            for line in (sample_text(model, tok, cfg, device) if rank == 0 else []):
+            for line in (sample_text(eval_model, tok, cfg, device) if rank == 0 else []):
                 bar.write(f"  sample: {line}")
-        if (step + 1) % cfg.ckpt_interval == 0 or last:
-            save(step + 1, vloss)
+        if checkpoint:
+            save(step + 1, vloss, gathered)
     bar.close()
     if world > 1:
         torch.distributed.destroy_process_group()
