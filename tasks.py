@@ -454,7 +454,8 @@ def _example(row, need):
 
     Example: {"messages": the whole conversation as written (nanoforge's own format merges a system turn
               into the first user turn when rendering; a chat template renders it itself),
-              "context": the turns before the last assistant turn (the prompt),
+              "context": the turns before the last assistant turn (the prompt; for need="target", a
+                         conversation that ends with a user turn is the prompt as a whole),
               "question": the last user turn's text, "answer": the last assistant turn's text or None,
               "target": the reference answer (a normalized number as text) or None,
               "kind": the verifier ("gsm8k" unless the row names another, see verifiers.py), "row": the raw row}.
@@ -479,6 +480,8 @@ def _example(row, need):
             if a["role"] == b["role"]:
                 return f"two {a['role']} turns in a row; user and assistant turns must alternate"
         last_assistant = max((j for j, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if need == "target" and msgs[-1]["role"] == "user":
+            last_assistant = None  # a prompt (RL / held-out) that ends with the user's turn: all of it is the prompt
         answer = msgs[last_assistant]["content"] if last_assistant is not None else None
         context = msgs[:last_assistant] if last_assistant is not None else msgs
         question = context[-1]["content"]
