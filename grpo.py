@@ -8,13 +8,22 @@ recipes built on it, as named options of one config (TRL's GRPOConfig names wher
 One iteration, top to bottom in `main`:
   1. sample (`rollout`): draw `prompts_per_iter` problems and sample `group_size` (TRL: num_generations)
      completions for each at `temperature` / `top_p`, with a response budget that may follow a schedule
-     (`max_new_tokens_schedule`, ProRL 8k -> 16k). Dynamic sampling (DAPO Alg. 1, ProRL) drops groups whose
-     correctness is all equal and draws more prompts until `prompts_per_iter` informative groups are in,
-     at most `max_sampling_rounds` rounds. Before the first iteration an optional difficulty pre-filter
-     (VibeThinker-3B) drops the training prompts the starting policy always or never solves.
-  2. rewards (`score`): a weighted sum (`reward_funcs`, `reward_weights`) of correctness (the task's exact
-     answer, the same extractor as the evaluation), format, Open-RS's cosine length reward (Yeo et al.) and
-     DAPO's soft overlong punishment. Binary correctness is kept beside the shaped reward: dynamic sampling,
+     (`max_new_tokens_schedule`, ProRL 8k -> 16k). Problems are drawn from pools by share (largest
+     remainders per iteration, `draw_prompts`): one pool = a plain draw; `mix` ("kind:share,...", ProRL's
+     mixing of task kinds) makes one pool per row kind; `difficulty_mix` one per file (Open-RS easy/hard).
+     Prompts are rendered by the renderer SFT and eval use (tasks.example_prompt_ids: a `messages` row is
+     the whole conversation before its last assistant turn); prompts that cannot fit in the context with
+     the largest response budget are skipped up front and counted (eval.fit_prompts). Dynamic sampling
+     (DAPO Alg. 1, ProRL) drops groups whose correctness is all equal and draws more prompts until
+     `prompts_per_iter` informative groups are in, at most `max_sampling_rounds` rounds. Before the first
+     iteration an optional difficulty pre-filter (VibeThinker-3B) drops the training prompts the starting
+     policy always or never solves.
+  2. rewards (`score`): a weighted sum (`reward_funcs`, `reward_weights`) of correctness (`correctness`: a
+     word-problem row's exact answer with the evaluation's extractor; a row of another kind (code,
+     code_output, math, logic, ifeval) its verifier's score in [0, 1] from verifiers.score_batch, e.g. the
+     fraction of unit tests passed in the sandbox as ProRL; a row its verifier cannot judge scores 0),
+     format, Open-RS's cosine length reward (Yeo et al.) and DAPO's soft overlong punishment. Binary
+     correctness (correctness >= verifiers.CORRECT) is kept beside the shaped reward: dynamic sampling,
      MGPO and the pass rates read it, never the shaped sum.
   3. advantages (`group_advantages`): r - group mean (GRPO), or the leave-one-out baseline (RLOO), divided
      by the group's std (GRPO), the batch's std (`scale_rewards=batch`) or nothing (Dr. GRPO); a group
@@ -31,9 +40,17 @@ One iteration, top to bottom in `main`:
   6. ProRL's hard reset: the reference becomes the current policy (and, `reset_optimizer`, the optimizer
      state is cleared) every `ref_reset_every` iterations or when held-out pass@1 has not improved for
      `ref_reset_patience` evaluations.
-Logged per iteration: reward, accuracy, KL, response length, truncation rate, the fraction of sampled groups
-whose correctness is all equal (no learning signal), dynamic-sampling rounds and drops, clip fractions
-(low side, high side), mean |advantage| and MGPO's mean weight. Presets: RECIPES below.
+Logged per iteration: reward (the shaped, weighted sum), accuracy (binary correctness: the fraction of
+completions whose correctness reward is >= verifiers.CORRECT; not the shaped reward), KL, response length,
+truncation rate, the fraction of sampled groups whose correctness is all equal (no learning signal),
+dynamic-sampling rounds and drops, clip fractions (low side, high side), mean |advantage|, MGPO's mean
+weight, the gradient norm before clipping and the policy entropy (mean over the sampled completion tokens
+of -sum_v p log p, p = softmax(logits / T) of the policy that sampled them, from the first update pass's
+forward: no extra model forward). When the training data has several row kinds, reward, accuracy and
+response length also per kind (reward/<kind>, accuracy/<kind>, response_len/<kind>), and the held-out
+pass@1 per kind (heldout_pass1/<kind>, eval.heldout_accuracy's). Up front: the count of prompts skipped
+as too long, and a warning when most reference answers are longer than max_new_tokens (eval.check_budget).
+Presets: RECIPES below.
 """
 import json
 import math
@@ -48,16 +65,22 @@ from tqdm import tqdm
 from common import (Metrics, atomic_write, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
                     init_distributed, pick_kernels, save_checkpoint, seed_everything, set_threads, start_run,
                     check_model)
-from eval import heldout_accuracy
+from eval import check_budget, fit_prompts, heldout_accuracy
 from engine import Engine, stop_tokens_for
 from model import output_logprobs
-from tasks import exact_match_reward, extract_answer, load_examples, prompt_ids
+from tasks import example_prompt_ids, exact_match_reward, extract_answer, load_examples
+from verifiers import CORRECT, KINDS, score_batch
 
 
 @dataclass
 class GRPOConfig:
     init_from: str = "out/sft"
-    data: str = "out/data/rl.jsonl"          # rows {"question", "target"} (or GSM8K {"question", "answer"})
+    data: str = "out/data/rl.jsonl"          # rows of tasks.ROW_FORMATS: {"question", "target"}, GSM8K, messages,
+                                             # or verifiers.py rows of another "kind" (code, code_output, math, ...)
+    mix: str = ""                            # share of each row kind per iteration, "kind:share,..." normalised
+                                             # (ProRL; e.g. gsm8k:0.7,code_output:0.3); "" = drawn as the data has them
+    sandbox: str = "auto"                    # isolation for model-run code (code, code_output rows): auto, bwrap,
+                                             # unshare, none (= accept weaker isolation; verifiers.py)
     heldout: str = "out/data/heldout.jsonl"
     out_dir: str = "out/grpo"
     resume: bool = False                     # continue this run from <out_dir>/ckpt, settings included
@@ -80,7 +103,8 @@ class GRPOConfig:
     prefilter_samples: int = 0               # difficulty pre-filter (VibeThinker-3B): k samples per prompt, drop
                                              # prompts at pass rate 0 or 1 under the starting policy (0 = off)
     prefilter_pool: int = 0                  # prompts measured by the pre-filter (0 = all training prompts)
-    difficulty_mix: str = ""                 # Open-RS easy/hard mixing: "path:ratio,path:ratio" (replaces data)
+    difficulty_mix: str = ""                 # Open-RS easy/hard mixing: "path:ratio,path:ratio" (replaces data;
+                                             # not together with mix)
     # rewards
     reward_funcs: str = "correctness"        # comma list of correctness, format, cosine, overlong
     answer_match: str = "strict"             # correctness by tasks.extract_answer: strict (first '#### N') | flexible
@@ -248,15 +272,35 @@ def soft_overlong_punishment(length, max_len, cache):
     return -1.0
 
 
-def score(texts, lengths, targets, cfg, budget):
-    """-> (reward (N,), correct (N,) in {0, 1}, {func: mean}) for N completions."""
+def correctness(texts, examples, cfg):
+    """The correctness reward of each completion for its example (tasks.load_examples): a word-problem
+    row (kind gsm8k) by correctness_reward with `answer_match`; a row of another kind by its verifier
+    (verifiers.score_batch on the raw row: code in the sandbox, math-verify, reasoning-gym, IFEval checks),
+    a float in [0, 1]; None (a row its verifier cannot judge) -> 0."""
+    out = [0.0] * len(texts)
+    other = [i for i, ex in enumerate(examples) if ex.get("kind", "gsm8k") != "gsm8k"]
+    if other:
+        scores = score_batch([examples[i]["row"] for i in other], [texts[i] for i in other],
+                             isolation_mode=cfg.sandbox)
+        for i, sc in zip(other, scores):
+            out[i] = 0.0 if sc is None else float(sc)
+    for i, ex in enumerate(examples):
+        if ex.get("kind", "gsm8k") == "gsm8k":
+            out[i] = correctness_reward(texts[i], ex["target"], cfg.answer_match)
+    return out
+
+
+def score(texts, lengths, examples, cfg, budget):
+    """-> (reward (N,), correct (N,) in {0, 1}, {func: mean}) for N completions of `examples` (one per
+    completion). `correct` is binary: correctness >= verifiers.CORRECT (a code row passes ~all its tests)."""
     funcs, weights = reward_spec(cfg)
-    correct = [correctness_reward(t, y, cfg.answer_match) for t, y in zip(texts, targets)]
+    graded = correctness(texts, examples, cfg)
+    correct = [float(g >= CORRECT) for g in graded]
     total = [0.0] * len(texts)
     means = {}
     for name, w in zip(funcs, weights):
         if name == "correctness":
-            vals = correct
+            vals = graded
         elif name == "format":
             vals = [format_reward(t) for t in texts]
         elif name == "cosine":
@@ -420,14 +464,35 @@ def rollout_batch(tok, prompts, completions, device):
     return x.to(device), y.to(device), mask.to(device)
 
 
-def policy_logprobs(model, x, y, temperature):
-    """log softmax(logits / T)[y]: the policy at the temperature it samples with (TRL, verl)."""
+def policy_logprobs(model, x, y, temperature, with_entropy=False):
+    """log softmax(logits / T)[y]: the policy at the temperature it samples with (TRL, verl).
+    with_entropy: also (detached) the entropy -sum_v p_v log p_v of p = softmax(logits / T) at every
+    position, from the same forward (TRL's entropy at the sampling temperature). -> logp or (logp, entropy)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # torchrun: through DDP's forward (LogprobsModule)
-        return model(x, y, temperature)
+        return model(x, y, temperature, with_entropy)
     h = model.hidden_states(x)
     if temperature > 0 and temperature != 1.0:
         h = h / temperature  # (h / T) @ W.T = logits / T
-    return output_logprobs(h.flatten(0, 1), model.lm_head_weight, y.flatten(), model.cfg.kernels).view(y.shape)
+    h, w = h.flatten(0, 1), model.lm_head_weight
+    if not with_entropy:
+        return output_logprobs(h, w, y.flatten(), model.cfg.kernels).view(y.shape)
+    if model.cfg.kernels == "triton":  # the fused kernel never forms the logits: one more head matmul, no grad
+        logp = output_logprobs(h, w, y.flatten(), model.cfg.kernels)
+        with torch.no_grad():
+            ent = torch.cat([token_entropy(torch.nn.functional.linear(c, w).float())
+                             for c in h.detach().split(4096)])
+    else:  # the logits of the log-prob itself (= model.output_logprobs' torch path, with log_softmax kept)
+        logsm = torch.nn.functional.linear(h, w).float().log_softmax(-1)
+        logp = logsm.gather(1, y.flatten()[:, None]).squeeze(1)
+        with torch.no_grad():
+            ent = -(logsm.exp() * logsm).sum(-1)
+    return logp.view(y.shape), ent.view(y.shape)
+
+
+def token_entropy(logits):
+    """-sum_v p_v log p_v of p = softmax(logits) over the last dimension."""
+    logsm = logits.log_softmax(-1)
+    return -(logsm.exp() * logsm).sum(-1)
 
 
 class LogprobsModule(torch.nn.Module):
@@ -438,8 +503,8 @@ class LogprobsModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, y, temperature):
-        return policy_logprobs(self.model, x, y, temperature)
+    def forward(self, x, y, temperature, with_entropy=False):
+        return policy_logprobs(self.model, x, y, temperature, with_entropy)
 
 
 def sequence_logprobs(model, x, y, micro_batch, device, temperature=1.0):
@@ -450,22 +515,86 @@ def sequence_logprobs(model, x, y, micro_batch, device, temperature=1.0):
     return torch.cat(out)
 
 
-def target_of(row):
-    if "target" in row:
-        return row["target"]
-    return row["answer"].rsplit("####", 1)[1].strip()
+def share_counts(shares, n):
+    """Largest-remainder apportionment: integer counts summing to n, each within 1 of n * share
+    (ties: the earlier pool)."""
+    exact = [n * r for r in shares]
+    counts = [int(math.floor(e)) for e in exact]
+    order = sorted(range(len(shares)), key=lambda k: (-(exact[k] - counts[k]), k))
+    for k in order[:n - sum(counts)]:
+        counts[k] += 1
+    return counts
 
 
 def draw_prompts(pools, n, rng, taken):
-    """n rows drawn without replacement (avoiding ids in `taken`) from pools [(rows, ratio)], each pool
-    giving its share of n (Open-RS easy/hard mixing; one pool = a plain draw)."""
+    """n rows drawn without replacement (avoiding (pool, index) pairs in `taken`, added to it) from pools
+    [(rows, share)], each pool giving its largest-remainder share of n (`mix`: one pool per kind;
+    Open-RS easy/hard mixing: one per file; one pool = a plain draw). A pool with too few free rows
+    left (late dynamic-sampling rounds) leaves the rest to the other pools."""
     out = []
-    for k, (rows, ratio) in enumerate(pools):
-        want = n - len(out) if k == len(pools) - 1 else round(n * ratio)
+    short = 0
+    for k, ((rows, _), want) in enumerate(zip(pools, share_counts([r for _, r in pools], n))):
         free = [i for i in range(len(rows)) if (k, i) not in taken]
         for i in rng.sample(free, min(want, len(free))):
             taken.add((k, i))
             out.append(rows[i])
+        short += max(0, want - len(free))
+    for k, (rows, _) in enumerate(pools):
+        if short <= 0:
+            break
+        free = [i for i in range(len(rows)) if (k, i) not in taken]
+        for i in rng.sample(free, min(short, len(free))):
+            taken.add((k, i))
+            out.append(rows[i])
+            short -= 1
+    return out
+
+
+def parse_mix(spec, examples):
+    """--mix "kind:share,..." -> {kind: share}, shares normalised to sum 1 (ProRL mixes task kinds by
+    share). Unknown kind, a kind the data has no rows of, a share that is not a number >= 0, a kind named
+    twice, or all shares 0: one line (SystemExit). Kinds of the data left out of the spec are not drawn."""
+    have = {}
+    for ex in examples:
+        have[ex.get("kind", "gsm8k")] = have.get(ex.get("kind", "gsm8k"), 0) + 1
+    usage = "expected kind:share,... (e.g. --mix=gsm8k:0.7,code_output:0.3)"
+    mix = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        kind, sep, share = (x.strip() for x in part.partition(":"))
+        try:
+            value = float(share)
+        except ValueError:
+            value = None
+        if not sep or value is None or not math.isfinite(value) or value < 0:
+            raise SystemExit(f"error: --mix entry '{part}': {usage}; shares are numbers >= 0")
+        if kind not in KINDS:
+            raise SystemExit(f"error: --mix names unknown kind '{kind}'; kinds are {', '.join(KINDS)}")
+        if kind not in have:
+            raise SystemExit(f"error: --mix names kind '{kind}' but the data has no rows of it (kinds there: "
+                             + ", ".join(f"{k} {n}" for k, n in sorted(have.items())) + ")")
+        if kind in mix:
+            raise SystemExit(f"error: --mix names kind '{kind}' twice")
+        mix[kind] = value
+    total = sum(mix.values())
+    if total <= 0:
+        raise SystemExit(f"error: --mix='{spec}': {usage}; the shares must not all be 0")
+    return {k: v / total for k, v in mix.items()}
+
+
+def kind_pools(rows, mix):
+    """[(rows of one kind, share)] for the kinds of `mix` ({kind: share}, parse_mix) with share > 0."""
+    return [([r for r in rows if r.get("kind", "gsm8k") == k], v) for k, v in mix.items() if v > 0]
+
+
+def per_kind_stats(kinds, rewards, correct, lengths):
+    """{reward/<kind>, accuracy/<kind>, response_len/<kind>}: means over the completions of each kind
+    (accuracy = binary correctness, as `accuracy`)."""
+    out = {}
+    for kind in sorted(set(kinds)):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        out[f"reward/{kind}"] = sum(rewards[i] for i in idx) / len(idx)
+        out[f"accuracy/{kind}"] = sum(correct[i] for i in idx) / len(idx)
+        out[f"response_len/{kind}"] = sum(lengths[i] for i in idx) / len(idx)
     return out
 
 
@@ -479,7 +608,8 @@ def rollout(model, tok, pools, cfg, it, budget, device):
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 100003 + it + RANK_SEED * rank)
     G, want = cfg.group_size, cfg.prompts_per_iter // world
     taken = set()
-    keep = {"prompts": [], "completions": [], "truncated": [], "rewards": [], "correct": [], "texts": []}
+    keep = {"prompts": [], "completions": [], "truncated": [], "rewards": [], "correct": [], "texts": [],
+            "kinds": []}
     sampled = all_equal = rounds = sampled_tokens = 0
     reward_means = {}
     while rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
@@ -495,11 +625,11 @@ def rollout(model, tok, pools, cfg, it, budget, device):
         rounds += 1
         if not rows:
             continue
-        prompts = [prompt_ids(tok, r["question"], "chat") for r in rows for _ in range(G)]
+        prompts = [example_prompt_ids(tok, r, "chat") for r in rows for _ in range(G)]
         completions, truncated = sample_completions(model, tok, prompts, budget, cfg, gen)
         texts = [tok.decode(c) for c in completions]
-        targets = [target_of(r) for r in rows for _ in range(G)]
-        rewards, correct, means = score(texts, [len(c) for c in completions], targets, cfg, budget)
+        expanded = [r for r in rows for _ in range(G)]
+        rewards, correct, means = score(texts, [len(c) for c in completions], expanded, cfg, budget)
         rewards, correct = rewards.view(-1, G), correct.view(-1, G)
         useful = informative_groups(correct)
         sampled += len(rows)
@@ -515,6 +645,7 @@ def rollout(model, tok, pools, cfg, it, budget, device):
             keep["completions"] += completions[sl]
             keep["truncated"] += truncated[sl]
             keep["texts"] += texts[sl]
+            keep["kinds"] += [rows[g].get("kind", "gsm8k")] * G
             keep["rewards"].append(rewards[g])
             keep["correct"].append(correct[g])
         if len(keep["rewards"]) >= want and world == 1:
@@ -541,10 +672,10 @@ def difficulty_prefilter(model, tok, rows, cfg, device, label):
     rates = []
     for i in tqdm(range(0, len(idx), 32), desc=f"pre-filter {label}", leave=False):
         chunk = [rows[j] for j in idx[i:i + 32]]
-        prompts = [prompt_ids(tok, r["question"], "chat") for r in chunk for _ in range(k)]
+        prompts = [example_prompt_ids(tok, r, "chat") for r in chunk for _ in range(k)]
         completions, _ = sample_completions(model, tok, prompts, cfg.max_new_tokens, cfg, gen)
-        targets = [target_of(r) for r in chunk for _ in range(k)]
-        ok = [correctness_reward(tok.decode(c), t, cfg.answer_match) for c, t in zip(completions, targets)]
+        graded = correctness([tok.decode(c) for c in completions], [r for r in chunk for _ in range(k)], cfg)
+        ok = [float(g >= CORRECT) for g in graded]
         rates += [sum(ok[j * k:(j + 1) * k]) / k for j in range(len(chunk))]
     kept = [j for j, p in zip(idx, rates) if 0 < p < 1]
     return kept, {str(j): p for j, p in zip(idx, rates)}
@@ -557,6 +688,7 @@ def train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it):
     advantages = rank_advantages(rewards, correct, cfg).flatten().to(device)
     # 4. log-probs of the sampled tokens under the sampling policy (and the reference)
     x, y, mask = rollout_batch(None, batch["prompts"], batch["completions"], device)
+    completion_mask, n_completion = mask, float(mask.sum())  # the entropy is over every sampled token
     if cfg.mask_truncated_completions:  # DAPO overlong filtering
         mask = mask * (~torch.tensor(batch["truncated"], device=device))[:, None].float()
     with torch.no_grad():
@@ -568,13 +700,19 @@ def train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it):
     world = ranks()[1]  # torchrun: the normaliser is the whole global batch's, over every rank
     all_sequences, all_tokens = ranks_reduce(num_sequences), ranks_reduce(num_tokens)
     stats_sum = {}
-    for _ in range(cfg.num_iterations):
+    entropy = 0.0
+    for epoch in range(cfg.num_iterations):
         for i in range(0, n, cfg.micro_batch):
             sl = slice(i, i + cfg.micro_batch)
             if world > 1:  # DDP: all-reduce the gradients in the backward of this rank's last micro-step only
                 model.require_backward_grad_sync = i + cfg.micro_batch >= n
             with autocast(device):
-                logp = policy_logprobs(model, x[sl], y[sl], cfg.temperature).float()
+                if epoch == 0:  # the policy that sampled the batch: its entropy from this forward's logits
+                    logp, ent = policy_logprobs(model, x[sl], y[sl], cfg.temperature, with_entropy=True)
+                    entropy += float((ent.float() * completion_mask[sl]).sum()) / max(n_completion, 1)
+                else:
+                    logp = policy_logprobs(model, x[sl], y[sl], cfg.temperature)
+                logp = logp.float()
             loss, stats = grpo_loss(logp, old_logp[sl], advantages[sl], mask[sl], cfg.epsilon, cfg.epsilon_high,
                                     None if ref_logp is None else ref_logp[sl], cfg.beta, cfg.loss_type,
                                     cfg.importance_sampling_level, budget, all_sequences, all_tokens)
@@ -588,7 +726,9 @@ def train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     lengths = [len(c) for c in batch["completions"]]
+    # accuracy: binary correctness (>= verifiers.CORRECT), distinct from the shaped `reward`
     row = dict(reward=rewards.mean().item(), accuracy=correct.float().mean().item(), grad_norm=gnorm.item(),
+               entropy=entropy,
                response_len=sum(lengths) / len(lengths), truncated=sum(batch["truncated"]) / len(lengths),
                max_new_tokens=budget, adv_abs=advantages.abs().mean().item(), **stats_sum)
     if cfg.mgpo_lambda > 0:
@@ -597,10 +737,21 @@ def train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it):
 
 
 def load_pools(cfg):
-    """[(rows, ratio)]: `data` alone, or the files and shares of `difficulty_mix`."""
+    """[(rows, share)]: `data` alone, `data` split by row kind with the shares of `mix`, or the files and
+    shares of `difficulty_mix`."""
+    if cfg.mix and cfg.difficulty_mix:
+        raise SystemExit("error: --mix (shares of row kinds) and --difficulty_mix (shares of files) cannot be "
+                         "combined; give one")
     if not cfg.difficulty_mix:
-        return [(load_examples(cfg.data, "target", "GRPO training", min_rows=cfg.prompts_per_iter,
-                               min_flag="--prompts_per_iter"), 1.0)]
+        rows = load_examples(cfg.data, "target", "GRPO training", min_rows=cfg.prompts_per_iter,
+                             min_flag="--prompts_per_iter")
+        if not cfg.mix:
+            return [(rows, 1.0)]
+        mix = parse_mix(cfg.mix, rows)
+        left_out = sorted({r["kind"] for r in rows} - {k for k, v in mix.items() if v > 0})
+        log(f"grpo: --mix {', '.join(f'{k} {v:.2f}' for k, v in mix.items())}"
+            + (f"; rows of {', '.join(left_out)} are not drawn" if left_out else ""))
+        return kind_pools(rows, mix)
     pools = []
     for entry in cfg.difficulty_mix.split(","):
         path, _, ratio = entry.rpartition(":")
@@ -610,6 +761,34 @@ def load_pools(cfg):
             raise SystemExit(f"error: --difficulty_mix entry '{entry}' is not path:ratio")
     total = sum(r for _, r in pools)
     return [(rows, r / total) for rows, r in pools]
+
+
+def fit_to_context(tok, max_seq_len, pools, problems, cfg):
+    """Up front, before any sampling: training prompts and held-out problems that cannot fit in the
+    context with the largest response budget of the run are skipped and counted (eval.fit_prompts), and a
+    warning is printed when most reference answers are longer than max_new_tokens (eval.check_budget)."""
+    budget = max([cfg.max_new_tokens] + [response_budget(cfg, it) for it in range(cfg.iterations)])
+    fitted, labels = [], []
+    for k, (rows, share) in enumerate(pools):
+        labels.append(f"kind {rows[0]['kind']}" if cfg.mix else f"pool {k}" if len(pools) > 1 else "")
+        label = "GRPO training prompts" + (f" ({labels[-1]})" if labels[-1] else "")
+        fitted.append((fit_prompts(tok, rows, "chat", max_seq_len, budget, label), share))
+        check_budget(tok, fitted[-1][0], budget, label)
+    n = sum(len(rows) for rows, _ in fitted)
+    if n < cfg.prompts_per_iter:
+        raise SystemExit(f"error: {n} training prompts fit in the context of {max_seq_len} tokens with "
+                         f"max_new_tokens {budget}, fewer than --prompts_per_iter={cfg.prompts_per_iter}; lower "
+                         f"--max_new_tokens or --prompts_per_iter, or use shorter prompts")
+    if cfg.mix:
+        for (rows, _), label, want in zip(fitted, labels, share_counts([r for _, r in fitted], cfg.prompts_per_iter)):
+            if len(rows) < want:
+                raise SystemExit(f"error: --mix gives {label} {want} of {cfg.prompts_per_iter} prompts "
+                                 f"per iteration but the data has {len(rows)} usable rows of it; add rows or "
+                                 f"lower its share")
+    if problems:
+        problems = fit_prompts(tok, problems, "chat", max_seq_len, cfg.max_new_tokens, "held-out problems")
+        check_budget(tok, problems, cfg.max_new_tokens, "held-out")
+    return fitted, problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,6 +815,16 @@ def ranks_reduce(value, op="sum"):
     t = torch.tensor(float(value), dtype=torch.float64, device=dev)
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return type(value)(t.item())
+
+
+def ranks_gather(lists):
+    """Each of `lists` concatenated over the ranks in rank order (exact per-kind statistics under torchrun);
+    the lists themselves without torchrun."""
+    if ranks()[1] == 1:
+        return lists
+    parts = [None] * ranks()[1]
+    torch.distributed.all_gather_object(parts, lists)
+    return [sum((p[i] for p in parts), []) for i in range(len(lists))]
 
 
 def ranks_mean(row, weight, summed=("groups_sampled", "ds_groups")):
@@ -709,6 +898,8 @@ def main(cfg):
     if world > 1:  # gradients averaged across ranks in the backward (see train_on_batch); sampling uses the bare model
         train_model = torch.nn.parallel.DistributedDataParallel(LogprobsModule(model), broadcast_buffers=False)
     log("grpo config: " + json.dumps(asdict(cfg)))
+    pools, problems = fit_to_context(tok, model.cfg.max_seq_len, pools, problems, cfg)
+    several_kinds = len({r["kind"] for rows, _ in pools for r in rows}) > 1
 
     if cfg.prefilter_samples > 0:  # measured once on the starting policy, kept across resumes
         path = os.path.join(cfg.out_dir, "prefilter.json")
@@ -741,9 +932,11 @@ def main(cfg):
     def evaluate(it):
         if problems:
             acc = heldout_accuracy(model, tok, problems, "chat", k=0, max_new_tokens=cfg.max_new_tokens, rank=rank,
-                                   world=world)
-            metrics.write(step=it, heldout_pass1=acc["pass@1"], heldout_truncated=acc["truncated"])
-            tqdm.write(f"iter {it}: held-out pass@1 {acc['pass@1']:.1f}%")
+                                   world=world, sandbox=cfg.sandbox)
+            per_kind = {f"heldout_pass1/{k.split('/', 1)[1]}": v for k, v in acc.items() if k.startswith("pass@1/")}
+            metrics.write(step=it, heldout_pass1=acc["pass@1"], heldout_truncated=acc["truncated"], **per_kind)
+            tqdm.write(f"iter {it}: held-out pass@1 {acc['pass@1']:.1f}%"
+                       + "".join(f", {k.split('/', 1)[1]} {v:.1f}%" for k, v in per_kind.items()))
             return acc["pass@1"]
 
     def reset(it, why):
@@ -783,6 +976,10 @@ def main(cfg):
         else:
             row.update(ranks_mean(train_on_batch(train_model, ref, optimizer, batch, cfg, budget, device, it),
                                   len(batch["completions"])))
+            if several_kinds:
+                row.update(per_kind_stats(*ranks_gather([batch["kinds"], batch["rewards"].flatten().tolist(),
+                                                         batch["correct"].flatten().tolist(),
+                                                         [len(c) for c in batch["completions"]]])))
             check_model(model, it + 1, cfg.out_dir)  # a blown-up policy stops here, not in the next sampling
             metrics.write(step=it + 1, seconds=time.time() - t0, **row)
             bar.set_postfix(acc=f"{row['accuracy']:.3f}", len=f"{row['response_len']:.0f}",

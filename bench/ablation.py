@@ -101,10 +101,10 @@ def run_specs(cfg, start, data_dir):
 
 
 def eval_rows(path, n):
-    """The first n problems of a JSONL file, each with a `target` (GSM8K rows carry it after '#### ')."""
-    from grpo import target_of
-    from tasks import read_jsonl
-    return [dict(r, target=target_of(r)) for r in read_jsonl(path)[:n]]
+    """The first n problems of a JSONL file, each with a `target` (GSM8K rows carry it after '#### '):
+    tasks.load_examples, the loader GRPO and eval read held-out rows with."""
+    from tasks import load_examples
+    return load_examples(path, "target", "ablation held-out", limit=n)
 
 
 def run_one(args):

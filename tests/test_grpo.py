@@ -219,14 +219,14 @@ def test_correctness_strict_and_flexible_use_the_shared_extractor():
     cfg = grpo.GRPOConfig()
     for mode, want in (("strict", 0.0), ("flexible", 1.0)):
         cfg.answer_match = mode
-        _, correct, _ = grpo.score([text], [12], [7], cfg, budget=64)
+        _, correct, _ = grpo.score([text], [12], [{"target": "7"}], cfg, budget=64)
         assert correct.item() == want == tasks.exact_match_reward(text, 7, mode)
 
 
 def test_score_weights_and_keeps_binary_correctness():
     cfg = grpo.GRPOConfig(reward_funcs="format,cosine", reward_weights="1,2")
     texts = ["1 + 2 = 3.\n#### 3", "no answer", "#### 5"]
-    rewards, correct, means = grpo.score(texts, [0, 64, 64], [3, 3, 3], cfg, budget=64)
+    rewards, correct, means = grpo.score(texts, [0, 64, 64], [{"target": "3"}] * 3, cfg, budget=64)
     assert correct.tolist() == [1.0, 0.0, 0.0]
     assert rewards.tolist() == pytest.approx([1 + 2 * 1.0, 0 + 2 * -0.5, 1 + 2 * -0.5])
 
@@ -252,7 +252,7 @@ def test_dynamic_sampling_returns_exactly_the_requested_informative_groups(monke
         return outs, [False] * len(outs)
 
     monkeypatch.setattr(grpo, "sample_completions", fake_sample)
-    monkeypatch.setattr(grpo, "prompt_ids", lambda tok, q, fmt: [q[0]])
+    monkeypatch.setattr(grpo, "example_prompt_ids", lambda tok, ex, fmt: [ex["question"][0]])
     cfg = grpo.GRPOConfig(prompts_per_iter=4, group_size=4, dynamic_sampling=True, max_sampling_rounds=20)
     batch, stats = grpo.rollout(None, _Tok(), [(rows, 1.0)], cfg, 0, 8, "cpu")
     assert batch["rewards"].shape == (4, 4) and grpo.informative_groups(batch["correct"]).all()
@@ -356,7 +356,7 @@ def test_difficulty_prefilter_drops_prompts_at_zero_and_one(monkeypatch):
         return outs, [False] * len(outs)
 
     monkeypatch.setattr(grpo, "sample_completions", fake_sample)
-    monkeypatch.setattr(grpo, "prompt_ids", lambda tok, q, fmt: [q])
+    monkeypatch.setattr(grpo, "example_prompt_ids", lambda tok, ex, fmt: [ex["question"]])
     cfg = grpo.GRPOConfig(prefilter_samples=4)
     kept, rates = grpo.difficulty_prefilter(None, _Tok(), rows, cfg, "cpu", "test")
     assert kept == [2, 4] and rates == {"0": 1.0, "1": 0.0, "2": 0.25, "3": 1.0, "4": 0.25}
@@ -388,4 +388,186 @@ def test_main_runs_options_resets_and_resumes(tiny_data, tmp_path):  # noqa: F81
     its = [r for r in rows if "reward_format" in r]
     assert [r["step"] for r in its] == [1, 2, 3, 4] and [r["max_new_tokens"] for r in its] == [8, 8, 12, 12]
     assert all("kl" in r and "clip_low" in r for r in its if "skipped" not in r)
+    # policy entropy (nats/token, at most log V) and the pre-clip gradient norm are logged with each update
+    assert all(0 < r["entropy"] <= math.log(tok.vocab_size) + 1e-4 and r["grad_norm"] >= 0
+               for r in its if "skipped" not in r)
     assert json.load(open(tmp_path / "grpo" / "ckpt" / "meta.json"))["resets"] == [2]  # none at the last iteration
+
+
+# ---------------------------------------------------------------------------------------------- entropy
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_policy_entropy_equals_categorical_entropy_of_the_logits(temperature):
+    from model import GPT, ModelConfig
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_kv_head=1, d_model=16, d_ff=32, max_seq_len=32))
+    x = torch.randint(0, 50, (3, 7))
+    y = torch.randint(0, 50, (3, 7))
+    logp, ent = grpo.policy_logprobs(model, x, y, temperature, with_entropy=True)
+    with torch.no_grad():
+        logits = model(x).float() / temperature  # the full logits, independently of grpo
+    ref = torch.distributions.Categorical(logits=logits)
+    assert torch.allclose(ent, ref.entropy(), atol=1e-5)
+    assert torch.allclose(logp, ref.log_prob(y), atol=1e-5)
+    # the same log-probs as the path without entropy, and gradients flow through them
+    assert torch.allclose(logp, grpo.policy_logprobs(model, x, y, temperature), atol=1e-6)
+    assert logp.requires_grad and not ent.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------- --mix (issue 14)
+
+def test_mix_parsing_and_draws():
+    import random
+    from verifiers import kind_of
+    rows = [{"question": f"m{i}", "kind": "math", "gold": "1"} for i in range(30)] + \
+           [{"question": f"c{i}", "kind": "code_output", "code": "print(1)"} for i in range(30)] + \
+           [{"question": f"q{i}", "target": str(i), "kind": "gsm8k"} for i in range(30)]
+    mix = grpo.parse_mix("math:2, code_output:1,gsm8k:1", rows)
+    assert mix == pytest.approx({"math": 0.5, "code_output": 0.25, "gsm8k": 0.25})
+    pools = grpo.kind_pools(rows, mix)
+    n = random.choice([8, 12, 16])
+    batch = grpo.draw_prompts(pools, n, random.Random(), set())
+    counts = {k: sum(kind_of(r) == k for r in batch) for k in mix}
+    assert counts == {"math": n // 2, "code_output": n // 4, "gsm8k": n // 4} and len({id(r) for r in batch}) == n
+    # largest remainders: thirds of 4 -> 2, 1, 1 (the extra one to the first of the tied pools)
+    odd = grpo.draw_prompts(grpo.kind_pools(rows, grpo.parse_mix("math:1,gsm8k:1,code_output:1", rows)), 4,
+                            random.Random(), set())
+    assert [sum(kind_of(r) == k for r in odd) for k in ("math", "gsm8k", "code_output")] == [2, 1, 1]
+    assert grpo.share_counts([0.5, 0.3, 0.2], 7) == [4, 2, 1]  # 3.5, 2.1, 1.4: floors 3, 2, 1; the .5 remainder
+    assert grpo.share_counts([0.3, 0.3, 0.4], 5) == [2, 1, 2]  # 1.5, 1.5, 2.0: one left, to the first tie
+    # a kind left out is never drawn; a zero share likewise
+    only = grpo.draw_prompts(grpo.kind_pools(rows, grpo.parse_mix("gsm8k:1,math:0", rows)), 8, random.Random(), set())
+    assert {kind_of(r) for r in only} == {"gsm8k"}
+    for bad, msg in (("logic:1", "no rows of it"), ("mathx:1", "unknown kind"), ("math:x", "kind:share"),
+                     ("math", "kind:share"), ("math:-1", "kind:share"), ("math:nan", "kind:share"),
+                     ("math:0", "not all be 0"), ("math:1,math:2", "twice")):
+        with pytest.raises(SystemExit, match=msg):
+            grpo.parse_mix(bad, rows)
+    # by hand: kind a has rewards 1, 0, 0.995 (correct 1, 0, 1), lengths 3, 5, 10; kind b one completion
+    stats = grpo.per_kind_stats(["a", "b", "a", "a"], [1.0, 0.5, 0.0, 0.995], [1, 0, 0, 1], [3, 4, 5, 10])
+    assert stats == pytest.approx({"reward/a": 1.995 / 3, "accuracy/a": 2 / 3, "response_len/a": 6.0,
+                                   "reward/b": 0.5, "accuracy/b": 0.0, "response_len/b": 4.0})
+
+
+def test_correctness_routes_other_kinds_to_their_verifier(monkeypatch):
+    calls = []
+
+    def fake_score_batch(rows, texts, isolation_mode="auto"):
+        calls.append((rows, texts, isolation_mode))
+        return [0.5, None]  # a fraction of tests passed; a row its verifier cannot judge
+
+    monkeypatch.setattr(grpo, "score_batch", fake_score_batch)
+    cfg = grpo.GRPOConfig(sandbox="unshare")
+    exs = [{"target": "7", "kind": "gsm8k"}, {"target": None, "kind": "code", "row": {"id": 1}},
+           {"target": None, "kind": "math", "row": {"id": 2}}, {"target": "3"}]
+    texts = ["#### 7", "code", "x", "#### 4"]
+    rewards, correct, _ = grpo.score(texts, [1, 1, 1, 1], exs, cfg, budget=8)
+    assert calls == [([{"id": 1}, {"id": 2}], ["code", "x"], "unshare")]
+    assert rewards.tolist() == [1.0, 0.5, 0.0, 0.0] and correct.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def _isolation():
+    import verifiers
+    try:
+        return verifiers.isolation("auto")
+    except verifiers.SandboxUnavailable as e:
+        pytest.skip(f"no sandbox isolation on this machine: {e}")
+
+
+def test_mixed_grpo_run_logs_per_kind(tmp_path):
+    """Word problems and code-output problems in one GRPO run (tiny, untrained model): per-kind reward,
+    accuracy and length in the metrics, per-kind held-out pass@1 in GRPO's log and in eval's table."""
+    _isolation()
+    import json
+    import common
+    import eval as evaluate
+    import tasks
+    from model import GPT, model_config
+    from tokenizer import load_tokenizer
+    from verifiers import check_row, kind_of
+    d = tmp_path / "data"
+    tasks.main(tasks.TasksConfig(out_dir=str(d), n_pretrain=200, n_val=20, n_sft=16, n_rl=40, n_heldout=12,
+                                 vocab_size=300, code_share=0.5))
+    rl = [json.loads(line) for line in open(d / "rl.jsonl")]
+    assert sum(kind_of(r) == "code_output" for r in rl) == 20 and all(check_row(r) is None for r in rl)
+    tok = load_tokenizer(str(d / "tokenizer.json"))
+    model = GPT(model_config("tiny", vocab_size=tok.vocab_size, n_layer=1, d_model=32, d_ff=64))
+    common.save_checkpoint(str(tmp_path / "sft"), stage="sft", step=0, model=model, tok=tok,
+                           train_cfg=tasks.TasksConfig(), extra={"fmt": "chat"})
+    grpo.main(grpo.GRPOConfig(init_from=str(tmp_path / "sft"), data=str(d / "rl.jsonl"),
+                              heldout=str(d / "heldout.jsonl"), out_dir=str(tmp_path / "grpo"), iterations=1,
+                              prompts_per_iter=4, group_size=2, max_new_tokens=8, eval_interval=1, n_eval=12,
+                              mix="gsm8k:0.5,code_output:0.5", log_kl=False, device="cpu", kernels="torch"))
+    rows = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
+    it = [r for r in rows if "reward" in r][0]
+    for kind in ("gsm8k", "code_output"):
+        assert 0 <= it[f"reward/{kind}"] <= 1 and 0 <= it[f"accuracy/{kind}"] <= 1 and it[f"response_len/{kind}"] > 0
+        assert any(f"heldout_pass1/{kind}" in r for r in rows)
+    res = evaluate.main(evaluate.EvalConfig(ckpts=str(tmp_path / "grpo"), data_dir=str(d), n_heldout=12, k=0,
+                                            max_new_tokens=8, out=str(tmp_path / "eval"), device="cpu",
+                                            kernels="torch"))
+    assert {"pass@1/gsm8k", "pass@1/code_output"} <= set(res[0])
+    assert "pass@1/code_output (%)" in open(str(tmp_path / "eval") + ".md").read()
+
+
+# ---------------------------------------------------------------------------------------------- prompts (issue 15)
+
+def test_rollout_renders_multiturn_messages_like_sft_and_eval(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    import json
+    import tasks
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(str(tiny_data / "tokenizer.json"))
+    path = tmp_path / "rl.jsonl"
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tom has 2 apples."},
+            {"role": "assistant", "content": "OK."}, {"role": "user", "content": "He gets 3. How many?"}]
+    # a prompt that ends with the user's turn, and the same conversation with its reference answer last
+    path.write_text(json.dumps({"messages": conv, "target": 5}) + "\n"
+                    + json.dumps({"messages": conv + [{"role": "assistant", "content": "#### 5"}]}) + "\n")
+    rows = tasks.load_examples(str(path), "target")
+    assert [r["target"] for r in rows] == ["5", "5"]
+    seen = []
+
+    def fake_sample(model, tok_, prompts, budget, cfg, gen):
+        seen.extend(prompts)
+        return [[tok.encode("#### 5")[0]] for _ in prompts], [False] * len(prompts)
+
+    monkeypatch.setattr(grpo, "sample_completions", fake_sample)
+    cfg = grpo.GRPOConfig(prompts_per_iter=2, group_size=2)
+    grpo.rollout(None, tok, [(rows, 1.0)], cfg, 0, 8, "cpu")
+    # by hand: <|bos|>, the system text merged into the first user turn, the assistant turn, the last user
+    # turn, then the generation prompt <|assistant|>
+    want = ([tok.bos_id, tok.user_id] + tok.encode("Be brief.\n\nTom has 2 apples.") + [tok.end_id]
+            + [tok.assistant_id] + tok.encode("OK.") + [tok.end_id]
+            + [tok.user_id] + tok.encode("He gets 3. How many?") + [tok.end_id, tok.assistant_id])
+    assert seen == [want] * 4 and tasks.example_prompt_ids(tok, rows[0], "chat") == want
+
+
+def test_main_skips_prompts_that_cannot_fit_and_warns_on_long_references(tiny_data, tmp_path, capsys):  # noqa: F811
+    import json
+    import common
+    from model import GPT, ModelConfig
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(str(tiny_data / "tokenizer.json"))
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, d_model=32, d_ff=64,
+                            max_seq_len=96))
+    common.save_checkpoint(str(tmp_path / "sft"), stage="sft", step=0, model=model, tok=tok,
+                           train_cfg=grpo.GRPOConfig(), extra={"fmt": "chat"})
+    rows = [json.loads(line) for line in open(tiny_data / "rl.jsonl")][:6]
+    long_q = "Tom has 3 apples and " * 40 + "how many?"
+    rows += [{"question": long_q, "target": 3}] * 2  # far beyond 96 - 16 tokens
+    (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = [json.loads(line) for line in open(tiny_data / "heldout.jsonl")][:4]  # GSM8K-style: with answers
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    fitting = [r for r in rows if len(grpo.example_prompt_ids(tok, {"question": r["question"]}, "chat")) <= 96 - 16]
+    assert len(fitting) == 6  # the reference: only the two long prompts do not fit
+    answers = sorted(len(tok.encode(r["answer"])) + 1 for r in held)
+    grpo.main(grpo.GRPOConfig(init_from=str(tmp_path / "sft"), data=str(tmp_path / "rl.jsonl"),
+                              heldout=str(tmp_path / "held.jsonl"), out_dir=str(tmp_path / "grpo"), iterations=2,
+                              prompts_per_iter=6, group_size=2, max_new_tokens=8, max_new_tokens_schedule="1:16",
+                              eval_interval=2, n_eval=4, log_kl=False, device="cpu", kernels="torch"))
+    out = capsys.readouterr().out
+    # the largest budget of the schedule (16) counts, and the count is printed once up front
+    assert "skipped 2 of 8 GRPO training prompts" in out and "(context 96 - max_new_tokens 16)" in out
+    assert answers[0] > 8 and "of the held-out reference answers are longer than --max_new_tokens=8" in out
+    its = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
+    assert [r["step"] for r in its if "reward" in r] == [1, 2]
