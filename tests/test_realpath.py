@@ -244,7 +244,7 @@ def test_report_draws_only_what_was_logged(tmp_path):
     with open(tmp_path / "eval.md", "w") as f:
         f.write("| checkpoint | pass@1 (%) |\n|---|---:|\n| grpo (x, step 1) | 12.5 |\n")
     m["grpo"] = report.read_metrics(os.path.join(tmp_path, "grpo", "metrics.jsonl"))
-    assert report.plot_curves(m, str(tmp_path / "p.png")) == 6  # + reward, KL, length, groups/cut-offs
+    assert report.plot_curves(m, str(tmp_path / "p.png")) == 7  # + reward, KL, entropy, length, groups/cut-offs
     report.main(report.ReportConfig(out_dir=str(tmp_path)))
     assert "## Held-out evaluation\n\n| checkpoint" in open(tmp_path / "report.md").read()
 
