@@ -49,7 +49,8 @@ of -sum_v p log p, p = softmax(logits / T) of the policy that sampled them, from
 forward: no extra model forward). When the training data has several row kinds, reward, accuracy and
 response length also per kind (reward/<kind>, accuracy/<kind>, response_len/<kind>), and the held-out
 pass@1 per kind (heldout_pass1/<kind>, eval.heldout_accuracy's). Up front: the count of prompts skipped
-as too long, and a warning when most reference answers are longer than max_new_tokens (eval.check_budget).
+as too long, and a warning when most reference answers are longer than max_new_tokens (eval.check_budget);
+the first iteration whose truncation rate exceeds eval.TRUNCATION_WARN prints a warning (once a run).
 Presets: RECIPES below.
 """
 import json
@@ -65,7 +66,7 @@ from tqdm import tqdm
 from common import (Metrics, atomic_write, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
                     init_distributed, pick_kernels, save_checkpoint, seed_everything, set_threads, start_run,
                     check_model)
-from eval import check_budget, fit_prompts, heldout_accuracy
+from eval import TRUNCATION_WARN, check_budget, fit_prompts, heldout_accuracy, warn_truncation
 from engine import Engine, stop_tokens_for
 from model import output_logprobs
 from tasks import example_prompt_ids, exact_match_reward, extract_answer, load_examples
@@ -960,6 +961,7 @@ def main(cfg):
                         optimizer=optimizer, extra={"fmt": "chat", "ref_from": ref_from, "resets": resets,
                                                     "best_pass1": best, "evals_since_best": stale})
 
+    warned_truncation = False
     if start == 0:
         best = evaluate(0)
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo", dynamic_ncols=True,
@@ -982,6 +984,9 @@ def main(cfg):
                                                          [len(c) for c in batch["completions"]]])))
             check_model(model, it + 1, cfg.out_dir)  # a blown-up policy stops here, not in the next sampling
             metrics.write(step=it + 1, seconds=time.time() - t0, **row)
+            if not warned_truncation and row["truncated"] > TRUNCATION_WARN:  # once a run: the rate is logged
+                warn_truncation(row["truncated"], f"iteration {it + 1}'s GRPO training", budget)
+                warned_truncation = True
             bar.set_postfix(acc=f"{row['accuracy']:.3f}", len=f"{row['response_len']:.0f}",
                             eq=f"{row['frac_all_equal']:.2f}")
         done = it + 1

@@ -571,3 +571,6 @@ def test_main_skips_prompts_that_cannot_fit_and_warns_on_long_references(tiny_da
     assert answers[0] > 8 and "of the held-out reference answers are longer than --max_new_tokens=8" in out
     its = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
     assert [r["step"] for r in its if "reward" in r] == [1, 2]
+    # an untrained model rarely ends within 8 tokens: the training cut-off rate is warned about, once
+    first = [r for r in its if "reward" in r][0]
+    assert first["truncated"] > 0.1 and out.count("GRPO training completions hit --max_new_tokens") == 1
