@@ -710,7 +710,7 @@ def train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it):
             with autocast(device):
                 if epoch == 0:  # the policy that sampled the batch: its entropy from this forward's logits
                     logp, ent = policy_logprobs(model, x[sl], y[sl], cfg.temperature, with_entropy=True)
-                    entropy += float((ent.float() * completion_mask[sl]).sum()) / max(n_completion, 1)
+                    entropy += float((ent.float() * completion_mask[sl]).sum())
                 else:
                     logp = policy_logprobs(model, x[sl], y[sl], cfg.temperature)
                 logp = logp.float()
@@ -726,6 +726,7 @@ def train_on_batch(model, ref, optimizer, batch, cfg, budget, device, it):
         check_finite(gnorm, "the gradient norm", it, cfg.out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    entropy = ranks_reduce(entropy) / max(ranks_reduce(n_completion), 1)  # token mean over the global batch
     lengths = [len(c) for c in batch["completions"]]
     # accuracy: binary correctness (>= verifiers.CORRECT), distinct from the shaped `reward`
     row = dict(reward=rewards.mean().item(), accuracy=correct.float().mean().item(), grad_norm=gnorm.item(),

@@ -220,6 +220,7 @@ def test_grpo_two_ranks_equal_one_rank(tiny_data, tiny_policy, tmp_path, monkeyp
         for key in ("reward", "accuracy", "response_len", "truncated", "groups_sampled", "reward_cosine", "adv_abs"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=2e-6), key  # metrics.jsonl keeps 6 decimals
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+        assert ra["entropy"] == pytest.approx(rb["entropy"], rel=1e-5)  # a token mean over the global batch
     assert_same_weights(tmp_path / "one", tmp_path / "two", atol=5e-6)  # 4 AdamW steps amplify summation order
     moved = common.load_checkpoint(str(tmp_path / "one"))[0].state_dict()
     start = common.load_checkpoint(str(tiny_policy))[0].state_dict()
