@@ -64,7 +64,7 @@ import torch
 from tqdm import tqdm
 
 from common import (Metrics, atomic_write, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
-                    init_distributed, pick_kernels, save_checkpoint, seed_everything, set_threads, start_run,
+                    init_distributed, pick_kernels, progress, save_checkpoint, seed_everything, set_threads, start_run,
                     check_model)
 from eval import TRUNCATION_WARN, check_budget, fit_prompts, heldout_accuracy, warn_truncation
 from engine import Engine, stop_tokens_for
@@ -671,7 +671,7 @@ def difficulty_prefilter(model, tok, rows, cfg, device, label):
     k = cfg.prefilter_samples
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 7)
     rates = []
-    for i in tqdm(range(0, len(idx), 32), desc=f"pre-filter {label}", leave=False):
+    for i in progress(range(0, len(idx), 32), desc=f"pre-filter {label}", leave=False):
         chunk = [rows[j] for j in idx[i:i + 32]]
         prompts = [example_prompt_ids(tok, r, "chat") for r in chunk for _ in range(k)]
         completions, _ = sample_completions(model, tok, prompts, cfg.max_new_tokens, cfg, gen)
@@ -965,8 +965,7 @@ def main(cfg):
     warned_truncation = False
     if start == 0:
         best = evaluate(0)
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo", dynamic_ncols=True,
-               disable=rank != 0)
+    bar = progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo", disable=rank != 0)
     for it in run.loop(bar, save):
         t0 = time.time()
         budget = response_budget(cfg, it)
