@@ -706,15 +706,40 @@ def _from_ifeval(r):
     return {"prompt": r["prompt"], "kind": "ifeval", "instructions": ins}
 
 
+def _last_boxed(text):
+    """The last balanced \\boxed{...} of a solution, or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start + len("\\boxed"), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i + 1]
+    return None
+
+
+def _from_scp116k(r):
+    """EricLu/SCP-116K (ProRL's STEM source): science problems with a solution extracted from the web and
+    an o1-mini solution flagged as agreeing with it. ProRL keeps the problems GPT-4o judged verifiable;
+    here (no judge) a row is kept when the o1 solution agrees with the matched one and ends in a \\boxed{}
+    answer, which becomes the gold that math-verify checks. Others are skipped and counted."""
+    gold = _last_boxed(r["o1_solution"]) if r.get("is_o1_solution_same_with_matched_solution") else None
+    if gold is None:
+        raise ValueError("no agreed boxed answer")
+    return {"prompt": r["problem"] + MATH_INSTRUCTION, "kind": "math", "gold": gold, "domain": r.get("domain")}
+
+
 MATH_INSTRUCTION = "\nLet's think step by step and output the final answer within \\boxed{}."  # ProRL's math prompt
 
 HUB_DATASETS = {
     # name: (Hub repo, file pattern, converter). ProRL App. D: DeepScaleR (math), Eurus-2-RL (code, and math),
-    # IFEval-style instructions; GSM8K for the small-model path. Reasoning Gym is generated offline instead.
+    # SCP-116K (STEM), IFEval-style instructions; GSM8K for the small-model path. Reasoning Gym is generated offline instead.
     "deepscaler": ("agentica-org/DeepScaleR-Preview-Dataset", "*.json", _from_deepscaler),
     "eurus2_rl": ("PRIME-RL/Eurus-2-RL-Data", "*train*.parquet", _from_eurus),
     "gsm8k": ("openai/gsm8k", "main/train-*.parquet", _from_gsm8k),
     "ifeval": ("google/IFEval", "*.jsonl", _from_ifeval),
+    "scp116k": ("EricLu/SCP-116K", "*.parquet", _from_scp116k),  # STEM (see _from_scp116k for the filter)
 }
 
 

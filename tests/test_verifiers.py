@@ -278,7 +278,17 @@ def test_hub_loaders_on_fake_hub(tmp_path):
          "kwargs": [{}]},
         {"key": 2, "prompt": "Unsupported.", "instruction_id_list": ["language:response_language"],
          "kwargs": [{"language": "fr"}]}])
+    put("EricLu/SCP-116K", "data/train-00000.parquet", [
+        {"domain": "physics", "problem": "A car goes 100 m in 20 s. Its speed in m/s?", "matched_solution": "5 m/s",
+         "o1_solution": "speed = 100/20 = \\boxed{5}", "is_o1_solution_same_with_matched_solution": True},
+        {"domain": "physics", "problem": "Disagreeing solutions.", "matched_solution": "3",
+         "o1_solution": "\\boxed{4}", "is_o1_solution_same_with_matched_solution": False},
+        {"domain": "biology", "problem": "No boxed answer.", "matched_solution": "x",
+         "o1_solution": "it is x", "is_o1_solution_same_with_matched_solution": True}])
     cache = str(tmp_path / "cache")
+    scp, scp_skipped = V.load_hub_rows("scp116k", cache, hub=hub)
+    assert len(scp) == 1 and scp_skipped == 2 and scp[0]["gold"] == "\\boxed{5}"
+    assert V.score_batch(scp * 2, ["so \\boxed{5}", "so \\boxed{6}"], limits=ROOMY) == [1.0, 0.0]
     ds, _ = V.load_hub_rows("deepscaler", cache, hub=hub)
     gs, _ = V.load_hub_rows("gsm8k", cache, hub=hub)
     eu, _ = V.load_hub_rows("eurus2_rl", cache, hub=hub)
