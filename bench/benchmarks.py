@@ -4,7 +4,7 @@ of the same scores (one forward per (context, choice) pair, full logits, as the 
 without its batching), side by side in one run, on a 135M-shaped model (SmolLM2-135M's shape, random
 weights: speed does not depend on the weights).
 
-    python bench/benchmarks.py                                 # 32 HellaSwag + 32 ARC-Easy items, CPU
+    python bench/benchmarks.py                                 # 32 items of each multiple-choice task, CPU
     python bench/benchmarks.py --items=200 --device=cuda       # on a GPU: writes bench/results/
     python bench/benchmarks.py --hf_compare=out/smollm2 --hf_gguf=.../SmolLM2-135M-Instruct.Q4_1.gguf --items=5
 
@@ -12,8 +12,9 @@ weights: speed does not depend on the weights).
 (transformers is a test-time dependency; only this option imports it): the per-choice log-likelihoods of
 the harness's requests, and whether both tokenizers give the same ids.
 
-Items come from ../shared/data when it is there (HellaSwag, ARC-Easy: the harness's formats), else
-synthetic items of similar lengths. The tokenizer is a small BPE trained here on the items' text; the
+Items come from ../shared/data when it is there (the harness's formats; MMLU one item per subject in
+turn), else synthetic items of similar lengths. Each task is timed on its own, both paths one after the
+other, and reported with the total over all tasks. The tokenizer is a small BPE trained here on the items' text; the
 model keeps the 135M preset's 49152-row vocabulary, so the output layer costs what it costs in
 SmolLM2-135M. Reports items/s of each path, the speed-up, the largest |difference| of the per-choice
 log-likelihoods, and the machine's load average (the machine may be shared: compare the two paths of
@@ -38,7 +39,8 @@ from tokenizer import train_tokenizer  # noqa: E402
 
 @dataclass
 class BenchConfig:
-    items: int = 32               # per task (HellaSwag, ARC-Easy)
+    items: int = 32               # per task
+    tasks: str = ",".join(B.MC_TASKS)  # the multiple-choice tasks timed (each: both paths, one after the other)
     model: str = "135m"
     max_batch_tokens: int = 8192
     device: str = "cpu"
@@ -60,14 +62,19 @@ def synthetic_requests(rng, n):
 
 
 def load_requests(cfg, rng):
-    reqs = []
-    for task in ("hellaswag", "arc_easy"):
+    """{task: requests}: the first --items items of each task (MMLU: across subjects)."""
+    out = {}
+    for task in [t.strip() for t in cfg.tasks.split(",") if t.strip()]:
         try:
-            docs = B.load_docs(task, cfg.data_dir, limit=cfg.items, hub=_Offline(), log=lambda *_: None)
-            reqs += [B.FORMATS[task](d) for d in docs]
+            docs = B.load_docs(task, cfg.data_dir, hub=_Offline(), log=lambda *_: None)
+            if task == "mmlu":  # one item from each subject in turn, so a few items span the subjects
+                seen = {}
+                rank = [seen.setdefault(d["subject"], []).append(None) or len(seen[d["subject"]]) for d in docs]
+                docs = [d for _, _, d in sorted(zip(rank, range(len(docs)), docs), key=lambda x: x[:2])]
+            out[task] = [B.FORMATS[task](d) for d in docs[:cfg.items]]
         except SystemExit:
-            reqs += synthetic_requests(rng, cfg.items)
-    return reqs
+            out[task] = synthetic_requests(rng, cfg.items)
+    return out
 
 
 class _Offline:
@@ -126,7 +133,8 @@ def main(cfg):
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     rng = random.Random(cfg.seed)
-    reqs = load_requests(cfg, rng)
+    by_task = load_requests(cfg, rng)
+    reqs = [r for rs in by_task.values() for r in rs]
     texts = [c + k for r in reqs for c, k in zip(r["contexts"], r["continuations"])]
     tok = train_tokenizer(texts * 4, 1024)
     torch.manual_seed(cfg.seed)
@@ -136,23 +144,31 @@ def main(cfg):
     # warm-up of both paths on two items, so neither pays first-call costs
     B.score_items(model, tok, reqs[:2], progress=False)
     B.score_unbatched(model, tok, reqs[:2])
-    t0 = time.time()
-    batched = B.score_items(model, tok, reqs, max_batch_tokens=cfg.max_batch_tokens, progress=False)
-    t_batched = time.time() - t0
-    t0 = time.time()
-    plain = B.score_unbatched(model, tok, reqs)
-    t_plain = time.time() - t0
+    per_task, t_batched, t_plain, diff, same_pick = {}, 0.0, 0.0, 0.0, 0
+    for task, rs in by_task.items():  # the two paths task by task, one after the other
+        t0 = time.time()
+        batched = B.score_items(model, tok, rs, max_batch_tokens=cfg.max_batch_tokens, progress=False)
+        tb = time.time() - t0
+        t0 = time.time()
+        plain = B.score_unbatched(model, tok, rs)
+        tp = time.time() - t0
+        t_batched, t_plain = t_batched + tb, t_plain + tp
+        diff = max([diff] + [abs(a[0] - b[0]) for x, y in zip(batched, plain) for a, b in zip(x, y)])
+        same_pick += sum(B.mc_metrics(r, x)["pred"] == B.mc_metrics(r, y)["pred"] for r, x, y in zip(rs, batched, plain))
+        per_task[task] = {"items": len(rs), "batched_items_per_s": round(len(rs) / tb, 3),
+                          "unbatched_items_per_s": round(len(rs) / tp, 3), "speedup": round(tp / tb, 2)}
+        print(f"{task:15s} {len(rs):4d} items  batched {len(rs) / tb:7.2f} items/s  one forward per choice "
+              f"{len(rs) / tp:7.2f} items/s  speed-up {tp / tb:5.1f}x", flush=True)
     load1 = os.getloadavg()
-    diff = max(abs(a[0] - b[0]) for x, y in zip(batched, plain) for a, b in zip(x, y))
-    same_pick = sum(B.mc_metrics(r, x)["pred"] == B.mc_metrics(r, y)["pred"] for r, x, y in zip(reqs, batched, plain))
     res = {"items": len(reqs), "choices": n_choices, "device": device, "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
            "batched_items_per_s": len(reqs) / t_batched, "unbatched_items_per_s": len(reqs) / t_plain,
-           "speedup": t_plain / t_batched, "max_abs_loglik_diff": diff, "same_prediction": f"{same_pick}/{len(reqs)}",
+           "speedup": t_plain / t_batched, "per_task": per_task, "max_abs_loglik_diff": diff,
+           "same_prediction": f"{same_pick}/{len(reqs)}",
            "loadavg_1min_before_after": [round(load0[0], 2), round(load1[0], 2)], "config": asdict(cfg)}
     print(f"{len(reqs)} items ({n_choices} choices), {cfg.model} model on {device} ({res['threads']} threads, "
           f"load average {load0[0]:.1f} -> {load1[0]:.1f} on {res['cores']} cores)")
-    print(f"batched (packed, length-sorted): {res['batched_items_per_s']:.2f} items/s   "
+    print(f"all tasks: batched (packed, length-sorted): {res['batched_items_per_s']:.2f} items/s   "
           f"one forward per choice: {res['unbatched_items_per_s']:.2f} items/s   speed-up {res['speedup']:.1f}x")
     print(f"largest |log-likelihood difference| {diff:.2e}; same prediction on {same_pick}/{len(reqs)} items")
     out = cfg.out or (f"bench/results/benchmarks_{device}.json" if device.startswith("cuda")
