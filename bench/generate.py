@@ -65,11 +65,12 @@ def hf_generate(hf, ids, new, static):
     return out[:, ids.size(1):]
 
 
-def matmul_floor_seconds(model, B, prompt, new, steps=3):
+def matmul_floor_seconds(model, B, prompt, new):
     """The time of the linear layers alone for one generate call (the bound that any sampler at this
     dtype meets): one prefill's projections over B x prompt tokens (the output layer on the B last
-    positions only), plus `new` decode steps' projections and output layer over B rows, each step timed
-    `steps` times (median). Attention, norms, RoPE, sampling and everything else are left out."""
+    positions only), then `new` decode steps' projections and output layer over B rows, all run (not
+    extrapolated, so a noisy machine slows it as much as the samplers). Attention, norms, RoPE,
+    sampling and everything else are left out."""
     c = model.cfg
     ws = [w for b in model.blocks for w in (b.attn.q_proj.weight, b.attn.k_proj.weight, b.attn.v_proj.weight,
                                             b.attn.o_proj.weight, b.mlp.gate_proj.weight, b.mlp.up_proj.weight,
@@ -80,20 +81,20 @@ def matmul_floor_seconds(model, B, prompt, new, steps=3):
 
     def run(rows, last_rows):
         x, xa, xf = (torch.randn(rows, n, device=dev, dtype=dt) for n in (c.d_model, hq, c.d_ff))
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
         for i, w in enumerate(ws):
             F.linear(xf if i % 7 == 6 else xa if i % 7 == 3 else x, w)
         F.linear(x[:last_rows], head)
+
+    with torch.no_grad():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run(B * prompt, B)
+        for _ in range(new):
+            run(B, B)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
-
-    with torch.no_grad():
-        prefill = run(B * prompt, B)
-        step = sorted(run(B, B) for _ in range(steps))[steps // 2]
-    return prefill + new * step
 
 
 def env_info(device):
