@@ -225,10 +225,11 @@ class Engine:
         cache.prefilling, cache.prefill_mask = False, None
         cache.len = P
         # ... and copy each prompt's cache to its samples' rows
-        expand = torch.repeat_interleave(torch.arange(U, device=device), torch.tensor(counts, device=device))
-        cache.keep(expand)
-        h = h.index_select(0, expand)
-        R = len(expand)
+        R = sum(counts)
+        if R != U:  # (one sample per prompt: the rows are already in place, no copy of the whole cache)
+            expand = torch.repeat_interleave(torch.arange(U, device=device), torch.tensor(counts, device=device))
+            cache.keep(expand)
+            h = h.index_select(0, expand)
 
         stop_t = torch.tensor(stops, dtype=torch.long, device=device)
         out = torch.full((R, max_new), -1, dtype=torch.long, device=device)

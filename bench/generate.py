@@ -4,6 +4,11 @@ cache) on the same 135M-shaped weights (SmolLM2-135M's shape, random weights: sp
 on the values; no stop token, every row runs all new tokens). Greedy, B distinct random prompts of
 `prompt` tokens each, `new` new tokens, repetitions interleaved (engine, hf, hf-static, engine, ...)
 so a noisy shared machine slows every contender alike. Ratios are taken within the run.
+The `floor` row times the linear layers alone for the same prefill and decode steps (same dtype and
+threads): no sampler at this dtype can beat it, so floor / best hf is the most any sampler could get
+over transformers here (on a CPU both are bound by these matmuls; the floor leaves attention out,
+which at batch 64 and 320 cached positions reads 0.94 GB of fp32 K/V per step, more than the 0.54 GB
+of 135M fp32 weights).
 
     python bench/generate.py                                   # CPU: batch 1, 8, 64
     python bench/generate.py --batches=1,8 --new=64 --reps=2   # shorter
@@ -24,6 +29,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch
+import torch.nn.functional as F
 
 from engine import Engine
 from model import GPT, model_config
@@ -62,6 +68,38 @@ def hf_generate(hf, ids, new, static):
     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                       do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
     return out[:, ids.size(1):]
+
+
+def matmul_floor_seconds(model, B, prompt, new):
+    """The time of the linear layers alone for one generate call (the bound that any sampler at this
+    dtype meets): one prefill's projections over B x prompt tokens (the output layer on the B last
+    positions only), then `new` decode steps' projections and output layer over B rows, all run (not
+    extrapolated, so a noisy machine slows it as much as the samplers). Attention, norms, RoPE,
+    sampling and everything else are left out."""
+    c = model.cfg
+    ws = [w for b in model.blocks for w in (b.attn.q_proj.weight, b.attn.k_proj.weight, b.attn.v_proj.weight,
+                                            b.attn.o_proj.weight, b.mlp.gate_proj.weight, b.mlp.up_proj.weight,
+                                            b.mlp.down_proj.weight)]
+    head = model.lm_head_weight
+    dev, dt = head.device, head.dtype
+    hq = c.n_head * (c.d_model // c.n_head)
+
+    def run(rows, last_rows):
+        x, xa, xf = (torch.randn(rows, n, device=dev, dtype=dt) for n in (c.d_model, hq, c.d_ff))
+        for i, w in enumerate(ws):
+            F.linear(xf if i % 7 == 6 else xa if i % 7 == 3 else x, w)
+        F.linear(x[:last_rows], head)
+
+    with torch.no_grad():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run(B * prompt, B)
+        for _ in range(new):
+            run(B, B)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
 
 def env_info(device):
@@ -121,7 +159,9 @@ def main():
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--new_at", default="", help="per-batch new tokens, e.g. 64:32 (batch 64 runs 32 new tokens)")
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--impls", default="engine,hf,hf_static", help="engine, engine_eager (CUDA: no graphs), hf, hf_static")
+    ap.add_argument("--impls", default="engine,hf,hf_static,floor",
+                    help="engine, engine_eager (CUDA: no graphs), hf, hf_static, floor (the linear layers alone: "
+                         "matmul_floor_seconds)")
     ap.add_argument("--preset", default="135m")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--out", default=None)
@@ -170,12 +210,14 @@ def main():
                     sync()
                     t0 = time.perf_counter()
                     with torch.no_grad():
-                        if impl.startswith("engine"):
+                        if impl == "floor":
+                            dt_floor = matmul_floor_seconds(model, B, args.prompt, new if rep >= 0 else 1)
+                        elif impl.startswith("engine"):
                             engines[impl].generate(prompts, max_new_tokens=new if rep >= 0 else min(new, 8))
                         else:
                             hf_generate(hf, ids, new if rep >= 0 else min(new, 8), static=impl == "hf_static")
                     sync()
-                    dt = time.perf_counter() - t0
+                    dt = time.perf_counter() - t0 if impl != "floor" else dt_floor
                     if rep < 0:
                         continue
                     tok_s = B * new / dt
@@ -186,13 +228,14 @@ def main():
                     f.flush()
                     print(f"batch {B:3d} new {new} {impl:13s} rep {rep}: {tok_s:8.1f} tok/s ({dt:.2f} s)", flush=True)
     print(f"\nbest of {args.reps} reps, tokens/s (load average now {os.getloadavg()}):")
-    print("| batch | " + " | ".join(impls) + " | engine / best hf |")
-    print("|---:|" + "---:|" * (len(impls) + 1))
+    print("| batch | " + " | ".join(impls) + " | engine / best hf | floor / best hf (the most any sampler gets) |")
+    print("|---:|" + "---:|" * (len(impls) + 2))
     for B in [int(b) for b in args.batches.split(",")]:
         best = {i: max(results.get((B, i), [float("nan")])) for i in impls}
         hfs = [best[i] for i in impls if i.startswith("hf")]
         ratio = best.get("engine", float("nan")) / max(hfs) if hfs else float("nan")
-        print(f"| {B} | " + " | ".join(f"{best[i]:.1f}" for i in impls) + f" | {ratio:.2f}x |")
+        ceiling = best.get("floor", float("nan")) / max(hfs) if hfs else float("nan")
+        print(f"| {B} | " + " | ".join(f"{best[i]:.1f}" for i in impls) + f" | {ratio:.2f}x | {ceiling:.2f}x |")
     print(f"raw rows appended to {out_path}")
 
 

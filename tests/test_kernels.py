@@ -273,12 +273,27 @@ CE_CASES = [
     (1, 32, 7, None, 0),        # one token, vocab smaller than one block
     (64, 64, 257, 64, 3),       # one exact chunk
     (50, 48, 130, 7, 1),        # many small chunks, d not a power of two
+    (37, 32, 100, None, 2),     # the default chunk (default_chunk_rows: 10 rows here, a ragged last chunk)
 ]
 CE_CASES_GPU = [
     (1000, 256, 5000, None, 10),
     (2048, 512, 32768 + 17, 300, 100),
 ]
 CE_PARAMS = CE_CASES + [pytest.param(*c, marks=needs_cuda) for c in CE_CASES_GPU]
+
+
+def test_default_chunk_rows_never_above_liger():
+    """The default logits chunk has at most as many rows as Liger-Kernel's rule gives
+    (next_power_of_2(ceil(N / ceil(V / d)))), so its memory is never above Liger's."""
+    def liger(N, V, d):
+        c = -(-N // -(-V // d))
+        return 1 << (c - 1).bit_length()
+    for N, d, V in [(37, 32, 100), (1, 32, 7), (2048, 576, 49152), (8 * 2048, 576, 49152), (16 * 2048, 576, 49152),
+                    (64 * 2048, 576, 49152), (16 * 2048, 1536, 151936), (4096, 4096, 128256), (10 ** 6, 4096, 128256)]:
+        c = X.default_chunk_rows(N, V, d)
+        assert 1 <= c <= min(N, liger(N, V, d)), (N, d, V, c, liger(N, V, d))
+        assert c * V <= max(V, X.CHUNK_ELEMENTS)
+    assert X.default_chunk_rows(16 * 2048, 49152, 576) == 352  # the 135M shape at 16 x 2048 tokens (notes)
 
 
 def ce_inputs(N, d, V, n_ignored, dtype):
