@@ -32,7 +32,8 @@ positions that score a token go through the output layer. `score_unbatched` is t
 one-forward-per-choice reference the tests and bench/benchmarks.py compare against.
 
 GSM8K (lm_eval/tasks/gsm8k/gsm8k.yaml): greedy generation, stop strings "Question:", "</s>",
-"<|im_end|>" (plus the model's own end token), up to 256 new tokens; base models get the 5-shot
+"<|im_end|>" (plus the model's own end token; the engine stops a row as soon as its text holds one, and the
+text is cut before it), up to 256 new tokens; base models get the 5-shot
 "Question: ...\\nAnswer: <solution>\\n\\n" prompt with shots drawn as the harness draws them
 (random.Random(1234).sample(train, 5) per test item, in order); chat models get the question zero-shot
 in a user turn. strict-match / flexible-extract are tasks.extract_answer. With --gsm8k_samples=n > 0,
@@ -672,10 +673,11 @@ def cut_at_stop(text, stops):
 
 
 def generate_texts(model, prompts, stop_ids, max_new_tokens, temperature, batch_size, seed, n=1, desc=None,
-                   progress=True):
+                   progress=True, stop_strings=(), decode=None):
     """The one place benchmarks sample from a model: prompts (token id lists) -> for each prompt, n
-    completions (token ids, stop token included). Prompts are sorted by length so each batch pads little;
-    the result is in the input's order."""
+    completions (token ids, stop token included). A row also stops once its text holds one of
+    stop_strings (the harness's `until`; decode turns ids into text). Prompts are sorted by length so
+    each batch pads little; the result is in the input's order."""
     device = model.embed.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -685,18 +687,19 @@ def generate_texts(model, prompts, stop_ids, max_new_tokens, temperature, batch_
     for s in range(0, len(order), step):
         chunk = order[s:s + step]
         for i, samples in zip(chunk, _sample(model, [prompts[i] for i in chunk], n, stop_ids, max_new_tokens,
-                                             temperature, gen)):
+                                             temperature, gen, stop_strings, decode)):
             out[i] = samples
         bar.update(len(chunk))
     bar.close()
     return out
 
 
-def _sample(model, prompts, n, stop_ids, max_new_tokens, temperature, gen):
+def _sample(model, prompts, n, stop_ids, max_new_tokens, temperature, gen, stop_strings=(), decode=None):
     from engine import Engine  # THE sampling engine: n samples share their prompt's prefill
     out = Engine(model, max_batch=len(prompts) * n).generate(prompts, n=n, max_new_tokens=max_new_tokens,
                                                               stop_tokens=stop_ids, temperature=temperature,
-                                                              generator=gen)
+                                                              generator=gen, stop_strings=stop_strings,
+                                                              decode=decode)
     return [[s.tokens for s in group] for group in out]
 
 
@@ -725,7 +728,8 @@ def run_gsm8k(model, tok, docs, train, fmt="plain", add_bos=True, max_new_tokens
         [i for i in [getattr(tok, "bos_id", None)] if i is not None]
     stops = GSM8K_STOP + (["<|end|>"] if fmt == "chat" else [])
     t0 = time.time()
-    greedy = generate_texts(model, prompts, stop_ids, max_new_tokens, 0.0, batch_size, seed, 1, "gsm8k", progress)
+    greedy = generate_texts(model, prompts, stop_ids, max_new_tokens, 0.0, batch_size, seed, 1, "gsm8k", progress,
+                            stops, tok.decode)
     texts = [cut_at_stop(tok.decode(g[0]), stops) for g in greedy]
     items, strict, flex = [], 0, 0
     for n, (d, t) in enumerate(zip(docs, texts)):
@@ -739,7 +743,7 @@ def run_gsm8k(model, tok, docs, train, fmt="plain", add_bos=True, max_new_tokens
     metrics = {"n": N, "exact_match,strict-match": strict / N, "exact_match,flexible-extract": flex / N}
     if n_samples > 0:
         samp = generate_texts(model, prompts, stop_ids, max_new_tokens, temperature, batch_size, seed + 1,
-                              n_samples, "gsm8k samples", progress)
+                              n_samples, "gsm8k samples", progress, stops, tok.decode)
         for n, it in enumerate(items):
             outs = [cut_at_stop(tok.decode(g), stops) for g in samp[n]]
             c = sum(extract_answer(o, "strict") == it["gold"] for o in outs)

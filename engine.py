@@ -13,8 +13,11 @@ What one call does, per chunk of at most `max_batch` rows:
      its new key into the same cache slot; row b's real keys start at slot `start[b]` (its padding
      offset) and its positions count from 0 there. Attention takes the offsets, not a mask: the
      additive key bias (0 on real slots, -inf on padding) is built once per call and sliced per step;
-  3. a row that produced a stop token is finished; once enough rows are finished the batch is
-     compacted (cache, offsets, hidden states), so finished rows stop costing compute.
+  3. a row that produced a stop token is finished, and so is a row whose text now contains one of
+     `stop_strings` (with `decode`: HF generate's `stop_strings`, the harness's `until`; only the last
+     few tokens are decoded each step, enough to hold the longest string); once enough rows are
+     finished the batch is compacted (cache, offsets, hidden states), so finished rows stop costing
+     compute.
 On CUDA (`cuda_graphs`), decode runs from a static cache (every step attends over the whole cache,
 slots past the current one masked by the offsets) and each batch-size bucket's step is captured once
 as a CUDA graph, which removes the per-operation launch overhead that dominates a small model.
@@ -26,8 +29,8 @@ import torch.nn.functional as F
 
 
 class Sample(NamedTuple):
-    tokens: list          # the new tokens, cut after the first stop token (included)
-    truncated: bool       # ran out of max_new_tokens without a stop token
+    tokens: list          # the new tokens, cut after the first stop token (included) or the token that completed a stop string
+    truncated: bool       # ran out of max_new_tokens without a stop token or stop string
     logprobs: list = None  # per new token: log softmax of the raw logits (temperature 1, no top-k/p); or None
 
 
@@ -157,8 +160,11 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts, n=1, max_new_tokens=256, stop_tokens=(), temperature=0.0, top_k=0, top_p=1.0,
-                 generator=None, seed=None, logprobs=False):
-        """out[i][j] = Sample j of prompts[i]; see the module docstring."""
+                 generator=None, seed=None, logprobs=False, stop_strings=(), decode=None):
+        """out[i][j] = Sample j of prompts[i]; see the module docstring. stop_strings need `decode`
+        (token ids -> text); the text after a stop string is the caller's to cut, as with HF generate."""
+        if stop_strings and decode is None:
+            raise ValueError("stop_strings need decode= (the tokenizer's decode) to read the generated text")
         cfg = self.model.cfg
         for i, p in enumerate(prompts):
             if len(p) == 0:
@@ -188,7 +194,8 @@ class Engine:
         try:
             for chunk in chunks:
                 samples = self._generate_chunk([prompts[i] for i, _ in chunk], [k for _, k in chunk], max_new_tokens,
-                                               stops, temperature, top_k, top_p, generator, logprobs)
+                                               stops, temperature, top_k, top_p, generator, logprobs,
+                                               list(stop_strings), decode)
                 r = 0
                 for i, k in chunk:
                     out[i] += samples[r:r + k]
@@ -197,7 +204,8 @@ class Engine:
             self.model.train(was_training)
         return out
 
-    def _generate_chunk(self, prompts, counts, max_new, stops, temperature, top_k, top_p, generator, want_lp):
+    def _generate_chunk(self, prompts, counts, max_new, stops, temperature, top_k, top_p, generator, want_lp,
+                        stop_strings=(), decode=None):
         model, cfg, device = self.model, self.model.cfg, self.device
         U = len(prompts)
         lens = torch.tensor([len(p) for p in prompts], device=device)
@@ -232,6 +240,8 @@ class Engine:
             h = h.index_select(0, expand)
 
         stop_t = torch.tensor(stops, dtype=torch.long, device=device)
+        window = max([len(x.encode()) for x in stop_strings] + [1])
+        string_stop = [False] * R
         out = torch.full((R, max_new), -1, dtype=torch.long, device=device)
         out_lp = torch.zeros(R, max_new, device=device) if want_lp else None
         rows = torch.arange(R, device=device)        # original row of each live batch row
@@ -247,6 +257,14 @@ class Engine:
                 out_lp[rows, t] = torch.where(alive, lp, out_lp[rows, t])
             if len(stops):
                 alive &= ~torch.isin(nxt, stop_t)
+            if stop_strings:  # each stop-string byte comes from a different token at worst: decode that many
+                live = torch.nonzero(alive)[:, 0].tolist()
+                tails = out[rows[live], max(0, t + 1 - window):t + 1].tolist()
+                for b, tail in zip(live, tails):
+                    if any(x in decode(tail) for x in stop_strings):
+                        alive[b] = False
+                        string_stop[int(rows[b])] = True
+            if len(stops) or stop_strings:
                 n_alive = int(alive.sum())
                 if n_alive == 0:
                     break
@@ -281,7 +299,7 @@ class Engine:
             if end is not None and row[end] >= 0:   # a stop token: keep it
                 end += 1
             n_tok = len(row) if end is None else end
-            truncated = not (n_tok > 0 and row[n_tok - 1] in stop_set)
+            truncated = not (n_tok > 0 and row[n_tok - 1] in stop_set) and not string_stop[r]
             samples.append(Sample(row[:n_tok], truncated, lps[r][:n_tok] if want_lp else None))
         return samples
 

@@ -65,6 +65,29 @@ def test_generate_helper_and_one_stop_id():
     assert generate(model, prompts, 10, stop_tokens=[5]) == ref
 
 
+def test_stop_strings_end_a_row_at_the_token_that_completes_them():
+    """A row ends at the first token whose text completes a stop string (spanning tokens, starting
+    inside one), as HF generate's stop_strings; the reference is the full greedy output cut at the
+    shortest prefix whose whole decoded text contains the string."""
+    torch.manual_seed(8)
+    model = GPT(small_cfg()).eval()
+    decode = lambda ids: "".join(chr(ord("a") + i % 26) * (1 + i % 3) for i in ids)  # noqa: E731
+    prompts = random_prompts((5, 11, 3, 8))
+    full = [naive_generate(model, p, 20, set()) for p in prompts]
+    text0 = decode(full[0])
+    stop = text0[len(decode(full[0][:6])) - 1:][:5]  # 5 characters starting inside token 5
+    got = Engine(model).generate(prompts, max_new_tokens=20, stop_strings=[stop], decode=decode)
+    n_stopped = 0
+    for f, g in zip(full, got):
+        k = next((k for k in range(1, len(f) + 1) if stop in decode(f[:k])), None)
+        assert g[0].tokens == (f if k is None else f[:k])
+        assert g[0].truncated == (k is None)
+        n_stopped += k is not None
+    assert n_stopped >= 1 and len(got[0][0].tokens) < 20
+    with pytest.raises(ValueError, match="decode"):
+        Engine(model).generate(prompts, max_new_tokens=4, stop_strings=["x"])
+
+
 def test_n_samples_share_the_prefill_and_match_their_prompt_alone():
     """Greedy: all n samples of a prompt equal the prompt decoded alone; max_batch smaller than
     prompts*n splits work into chunks (a prompt's samples across chunks too) without changing results."""
