@@ -307,9 +307,10 @@ def main(cfg):
     rank, world, device = init_distributed(cfg.device)
     kernels = pick_kernels(cfg.kernels, device)
     if cfg.tasks:
-        if world > 1 and rank != 0:  # the public benchmarks are not split: rank 0 runs them alone
-            return None
-        if world > 1:
+        if world > 1:  # the public benchmarks are not split: rank 0 runs them alone
+            torch.distributed.destroy_process_group()
+            if rank != 0:
+                return None
             log(f"note: --tasks runs on rank 0 only ({world} ranks started); launch it without torchrun")
         return benchmark_main(cfg, device, kernels)
     say = log if rank == 0 else (lambda msg: None)

@@ -972,9 +972,12 @@ def main(cfg):
         # 1-2. sample groups (dynamic sampling: informative ones only) and score them
         batch, row = rollout(model, tok, pools, cfg, it, budget, device)
         row = ranks_mean(row, row["groups_sampled"])
-        if ranks_reduce(len(batch["rewards"]), "min") == 0:  # dynamic sampling found no informative group: no update this iteration
+        # dynamic sampling found no informative group (under torchrun: on some rank; the ranks step in
+        # lockstep, so that rank's empty share skips the update everywhere, the others' groups included)
+        if ranks_reduce(len(batch["rewards"]), "min") == 0:
             metrics.write(step=it + 1, skipped=1, seconds=time.time() - t0, **row)
-            tqdm.write(f"iter {it}: no informative group in {row.get('ds_rounds', 1)} rounds; no update")
+            tqdm.write(f"iter {it}: no informative group in {row.get('ds_rounds', 1)} rounds"
+                       + (" on at least one rank" if ranks()[1] > 1 else "") + "; no update")
         else:
             row.update(ranks_mean(train_on_batch(train_model, ref, optimizer, batch, cfg, budget, device, it),
                                   len(batch["completions"])))

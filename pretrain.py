@@ -237,7 +237,9 @@ def main(cfg):
 
         last = step + 1 == cfg.max_steps
         evaluate, checkpoint = (step + 1) % cfg.eval_interval == 0 or last, (step + 1) % cfg.ckpt_interval == 0 or last
-        gathered = gather_full(model, optimizer, device) if fsdp and (evaluate or checkpoint) else None
+        # FSDP: every rank gathers; the optimizer state only when a checkpoint is written
+        gathered = (gather_full(model, optimizer if checkpoint else None, device)
+                    if fsdp and (evaluate or checkpoint) else None)
         if rank != 0:
             continue
         eval_model = gathered[0] if gathered else model  # FSDP: the full weights, gathered on rank 0

@@ -317,8 +317,6 @@ def template_messages_ids(tok, messages):
     prefix of the longer one, e.g. DeepSeek-R1's dropping of reasoning) cannot be masked that way: a
     single user + assistant pair then falls back to chat_example_ids, longer ones get one clear line."""
     roles = [m["role"] for m in messages]
-    if roles[-1:] != ["assistant"] or "user" not in roles:
-        raise ValueError(f"a conversation needs a user turn and must end with an assistant turn; got {roles}")
     if [r for r in roles if r != "system"] == ["user", "assistant"]:
         return chat_example_ids(tok, messages[:-1], messages[-1]["content"])
     render = lambda msgs, gen: tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)  # noqa: E731

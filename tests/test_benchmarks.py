@@ -87,15 +87,19 @@ def test_arc_piqa_obqa_mmlu_strings(data_dir):
 
 def test_limit_keeps_first_items_and_applies_to_each_mmlu_subject(tmp_path):
     """The harness's --limit keeps the first N docs of a task; MMLU is a group of subject tasks, so
-    the limit applies to each subject (files read out of alphabetical order on purpose)."""
-    os.makedirs(tmp_path / "mmlu/test")
-    for subject in ("virology", "anatomy"):
-        (tmp_path / f"mmlu/test/{subject}_test.csv").write_text(
-            "".join(f'"{subject} q{i}?",a,b,c,d,A\n' for i in range(3)))
-    docs = B.load_docs("mmlu", str(tmp_path), hub=OfflineHub(), limit=2)
+    the limit applies to each subject (one Hub-style parquet file with the subjects interleaved)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    os.makedirs(tmp_path / "hub/cais/mmlu/all")
+    rows = [{"question": f"{s} q{i}?", "subject": s, "choices": ["a", "b", "c", "d"], "answer": 0}
+            for i in range(3) for s in ("virology", "anatomy")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hub/cais/mmlu/all/test-00000-of-00001.parquet")
+    hub = LocalHub(str(tmp_path / "hub"))
+    cache = str(tmp_path / "cache")
+    docs = B.load_docs("mmlu", str(tmp_path / "no_local"), cache_dir=cache, hub=hub, limit=2)
     assert [(d["subject"], d["question"]) for d in docs] == [
         ("anatomy", "anatomy q0?"), ("anatomy", "anatomy q1?"), ("virology", "virology q0?"), ("virology", "virology q1?")]
-    assert len(B.load_docs("mmlu", str(tmp_path), hub=OfflineHub())) == 6
+    assert len(B.load_docs("mmlu", str(tmp_path / "no_local"), cache_dir=cache, hub=hub)) == 6
     os.makedirs(tmp_path / "gsm8k")
     write_jsonl(str(tmp_path / "gsm8k/test.jsonl"), [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(5)])
     assert [d["question"] for d in B.load_docs("gsm8k", str(tmp_path), hub=OfflineHub(), limit=2)] == ["Q0?", "Q1?"]

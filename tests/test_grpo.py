@@ -425,18 +425,18 @@ def test_mix_parsing_and_draws():
     mix = grpo.parse_mix("math:2, code_output:1,gsm8k:1", rows)
     assert mix == pytest.approx({"math": 0.5, "code_output": 0.25, "gsm8k": 0.25})
     pools = grpo.kind_pools(rows, mix)
-    n = random.choice([8, 12, 16])
-    batch = grpo.draw_prompts(pools, n, random.Random(), set())
-    counts = {k: sum(kind_of(r) == k for r in batch) for k in mix}
-    assert counts == {"math": n // 2, "code_output": n // 4, "gsm8k": n // 4} and len({id(r) for r in batch}) == n
+    for n in (8, 12, 16):
+        batch = grpo.draw_prompts(pools, n, random.Random(n), set())
+        counts = {k: sum(kind_of(r) == k for r in batch) for k in mix}
+        assert counts == {"math": n // 2, "code_output": n // 4, "gsm8k": n // 4} and len({id(r) for r in batch}) == n
     # largest remainders: thirds of 4 -> 2, 1, 1 (the extra one to the first of the tied pools)
     odd = grpo.draw_prompts(grpo.kind_pools(rows, grpo.parse_mix("math:1,gsm8k:1,code_output:1", rows)), 4,
-                            random.Random(), set())
+                            random.Random(0), set())
     assert [sum(kind_of(r) == k for r in odd) for k in ("math", "gsm8k", "code_output")] == [2, 1, 1]
     assert grpo.share_counts([0.5, 0.3, 0.2], 7) == [4, 2, 1]  # 3.5, 2.1, 1.4: floors 3, 2, 1; the .5 remainder
     assert grpo.share_counts([0.3, 0.3, 0.4], 5) == [2, 1, 2]  # 1.5, 1.5, 2.0: one left, to the first tie
     # a kind left out is never drawn; a zero share likewise
-    only = grpo.draw_prompts(grpo.kind_pools(rows, grpo.parse_mix("gsm8k:1,math:0", rows)), 8, random.Random(), set())
+    only = grpo.draw_prompts(grpo.kind_pools(rows, grpo.parse_mix("gsm8k:1,math:0", rows)), 8, random.Random(1), set())
     assert {kind_of(r) for r in only} == {"gsm8k"}
     for bad, msg in (("logic:1", "no rows of it"), ("mathx:1", "unknown kind"), ("math:x", "kind:share"),
                      ("math", "kind:share"), ("math:-1", "kind:share"), ("math:nan", "kind:share"),

@@ -307,6 +307,10 @@ def test_multi_turn_rows_with_a_chat_template(chatml_tok_dir, tmp_path):
                 assert full[:b] == ref.apply_chat_template(msgs[:j + 1])["input_ids"]
                 want[a:b] = [1] * (b - a)
         assert mask == want
+        # a row may end with a user turn (an SFT row keeps its trailing question unsupervised)
+        more = msgs + [{"role": "user", "content": "and then?"}]
+        ids2, mask2 = chat_messages_ids(tok, more)
+        assert ids2 == ref.apply_chat_template(more)["input_ids"] and mask2 == want + [0] * (len(ids2) - len(want))
         # the prompt of such a row (for eval / GRPO / sample.py) is the conversation before its last
         # assistant turn, with the generation prompt
         rows = tmp_path / f"rows{case}.jsonl"
