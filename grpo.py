@@ -844,6 +844,8 @@ def ranks_mean(row, weight, summed=("groups_sampled", "ds_groups")):
             out[k] = v
         elif k in summed:
             out[k] = sum(x for x, _ in have)
+        elif all(x == v for x, _ in have):  # the same on every rank (e.g. max_new_tokens): kept as it is
+            out[k] = v
         else:
             total = sum(w for _, w in have)
             out[k] = sum(x * w for x, w in have) / total if total else sum(x for x, _ in have) / len(have)
@@ -870,6 +872,8 @@ def main(cfg):
     set_threads()
     # under torchrun: each rank samples and trains on its share of the prompts (DDP); rank 0 logs and saves
     rank, world, device = init_distributed(cfg.device)
+    say = log if rank == 0 else (lambda msg: None)  # under torchrun, rank 0 speaks for all
+    note = tqdm.write if rank == 0 else (lambda msg: None)  # (beside the progress bar)
     if cfg.prompts_per_iter % world:
         raise SystemExit(f"error: --prompts_per_iter={cfg.prompts_per_iter} must be a multiple of the {world} ranks "
                          f"(whole groups stay on one rank)")
@@ -894,12 +898,12 @@ def main(cfg):
     start = 0
     if cfg.resume:
         start = load_training_state(ckpt, optimizer)["step"]
-        log(f"resuming from {ckpt} at iteration {start}")
+        say(f"resuming from {ckpt} at iteration {start}")
     metrics = Metrics(cfg.out_dir, resume_step=start if cfg.resume else None) if rank == 0 else NO_METRICS
     train_model = model
     if world > 1:  # gradients averaged across ranks in the backward (see train_on_batch); sampling uses the bare model
         train_model = torch.nn.parallel.DistributedDataParallel(LogprobsModule(model), broadcast_buffers=False)
-    log("grpo config: " + json.dumps(asdict(cfg)))
+    say("grpo config: " + json.dumps(asdict(cfg)))
     pools, problems = fit_to_context(tok, model.cfg.max_seq_len, pools, problems, cfg)
     several_kinds = len({r["kind"] for rows, _ in pools for r in rows}) > 1
 
@@ -919,7 +923,7 @@ def main(cfg):
                 atomic_write(path, {"kept": kept, "pass_rates": rates})
             for k, rr in enumerate(rates):
                 vals = list(rr.values())
-                log(f"pre-filter pool {k}: {len(vals)} prompts measured, pass rate 0: "
+                say(f"pre-filter pool {k}: {len(vals)} prompts measured, pass rate 0: "
                     f"{sum(v == 0 for v in vals)}, 1: {sum(v == 1 for v in vals)}, kept {len(kept[k])}")
                 metrics.write(step=0, prefilter_measured=len(vals), prefilter_zero=sum(v == 0 for v in vals),
                               prefilter_one=sum(v == 1 for v in vals), prefilter_kept=len(kept[k]))
@@ -928,7 +932,7 @@ def main(cfg):
             raise SystemExit(f"error: the difficulty pre-filter kept {sum(len(r) for r, _ in pools)} prompts, fewer "
                              f"than --prompts_per_iter={cfg.prompts_per_iter}; the starting policy solves "
                              f"(almost) none or all of them. Raise --prefilter_samples or use other data.")
-    log(f"grpo: {sum(len(r) for r, _ in pools)} prompts, {cfg.iterations} iterations x {cfg.prompts_per_iter} "
+    say(f"grpo: {sum(len(r) for r, _ in pools)} prompts, {cfg.iterations} iterations x {cfg.prompts_per_iter} "
         f"prompts x {cfg.group_size} samples, device {device}, kernels {kernels}, from {src}")
 
     def evaluate(it):
@@ -937,7 +941,7 @@ def main(cfg):
                                    world=world, sandbox=cfg.sandbox)
             per_kind = {f"heldout_pass1/{k.split('/', 1)[1]}": v for k, v in acc.items() if k.startswith("pass@1/")}
             metrics.write(step=it, heldout_pass1=acc["pass@1"], heldout_truncated=acc["truncated"], **per_kind)
-            tqdm.write(f"iter {it}: held-out pass@1 {acc['pass@1']:.1f}%"
+            note(f"iter {it}: held-out pass@1 {acc['pass@1']:.1f}%"
                        + "".join(f", {k.split('/', 1)[1]} {v:.1f}%" for k, v in per_kind.items()))
             return acc["pass@1"]
 
@@ -952,7 +956,7 @@ def main(cfg):
             ref_from = ref_dir
         resets.append(it)
         metrics.write(step=it, reset=why, reset_optimizer=cfg.reset_optimizer)
-        tqdm.write(f"iter {it}: hard reset of the reference{' and the optimizer' if cfg.reset_optimizer else ''} "
+        note(f"iter {it}: hard reset of the reference{' and the optimizer' if cfg.reset_optimizer else ''} "
                    f"({why})")
 
     def save(it):
@@ -976,7 +980,7 @@ def main(cfg):
         # lockstep, so that rank's empty share skips the update everywhere, the others' groups included)
         if ranks_reduce(len(batch["rewards"]), "min") == 0:
             metrics.write(step=it + 1, skipped=1, seconds=time.time() - t0, **row)
-            tqdm.write(f"iter {it}: no informative group in {row.get('ds_rounds', 1)} rounds"
+            note(f"iter {it}: no informative group in {row.get('ds_rounds', 1)} rounds"
                        + (" on at least one rank" if ranks()[1] > 1 else "") + "; no update")
         else:
             row.update(ranks_mean(train_on_batch(train_model, ref, optimizer, batch, cfg, budget, device, it),
@@ -1010,7 +1014,7 @@ def main(cfg):
     if world > 1:
         torch.distributed.destroy_process_group()
     run.close()
-    log(f"grpo done: checkpoint in {os.path.join(cfg.out_dir, 'ckpt')}")
+    say(f"grpo done: checkpoint in {os.path.join(cfg.out_dir, 'ckpt')}")
 
 
 if __name__ == "__main__":
