@@ -36,6 +36,8 @@ from common import parse_config, pick_device  # noqa: E402
 from model import GPT, model_config  # noqa: E402
 from tokenizer import train_tokenizer  # noqa: E402
 
+from generate import env_info  # noqa: E402  (bench/generate.py: one machine description for every bench)
+
 
 @dataclass
 class BenchConfig:
@@ -165,7 +167,8 @@ def main(cfg):
            "batched_items_per_s": len(reqs) / t_batched, "unbatched_items_per_s": len(reqs) / t_plain,
            "speedup": t_plain / t_batched, "per_task": per_task, "max_abs_loglik_diff": diff,
            "same_prediction": f"{same_pick}/{len(reqs)}",
-           "loadavg_1min_before_after": [round(load0[0], 2), round(load1[0], 2)], "config": asdict(cfg)}
+           "loadavg_1min_before_after": [round(load0[0], 2), round(load1[0], 2)], "config": asdict(cfg),
+           **env_info(torch.device(device))}  # date, commit, versions, GPU and driver
     print(f"{len(reqs)} items ({n_choices} choices), {cfg.model} model on {device} ({res['threads']} threads, "
           f"load average {load0[0]:.1f} -> {load1[0]:.1f} on {res['cores']} cores)")
     print(f"all tasks: batched (packed, length-sorted): {res['batched_items_per_s']:.2f} items/s   "

@@ -14,6 +14,7 @@
 #   sanitizer  compute-sanitizer over the kernel tests (if installed) -> gpu-sanitizer-<stamp>.txt
 #   kernels    bench/kernels.py, one JSON row per measurement         -> kernels-<device>.jsonl
 #   generate   bench/generate.py (engine vs transformers)             -> generate-cuda.jsonl
+#   scoring    bench/benchmarks.py (packed vs one forward per choice) -> benchmarks_cuda.json
 #   train      bench/train_step.py (135M step, triton/torch, compile) -> train_step-cuda.jsonl
 # Results go to bench/results/ (and $OUT). Every JSON row carries device, driver, versions, commit, date.
 # The machine may lack pip and transformers: a step that needs a missing package says so and the
@@ -50,7 +51,8 @@ run_step() {
     [ "$rc" -ne 0 ] && failed=$((failed + 1))
     # raw JSON rows are appended as they are measured; copy the ones this step touched into $OUT
     if [ -n "${OUT:-}" ]; then
-        find "$RES" -maxdepth 1 -name '*.jsonl' -newer "$RES/gpu-env-$stamp.txt" -exec cp {} "$OUT"/ \; 2>/dev/null
+        find "$RES" -maxdepth 1 \( -name '*.jsonl' -o -name '*.json' \) -newer "$RES/gpu-env-$stamp.txt" \
+            -exec cp {} "$OUT"/ \; 2>/dev/null
     fi
     return 0
 }
@@ -100,18 +102,22 @@ step_generate() {
     run_step generate "gpu-generate-$stamp.txt" "$PY" bench/generate.py --device=cuda --batches=1,8,64 --reps=3
 }
 
+step_scoring() {
+    run_step scoring "gpu-scoring-$stamp.txt" "$PY" bench/benchmarks.py --device=cuda --items=64
+}
+
 step_train() {
     run_step train "gpu-train-$stamp.txt" "$PY" bench/train_step.py --preset=135m
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests sanitizer kernels generate train suite)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests sanitizer kernels generate scoring train suite)
 [ -f "$RES/gpu-env-$stamp.txt" ] || step_env
 for s in "${steps[@]}"; do
     case "$s" in
         env) ;;
-        tests|suite|sanitizer|kernels|generate|train) "step_$s" ;;
-        *) echo "unknown step '$s' (steps: env tests suite sanitizer kernels generate train)"; failed=$((failed + 1)) ;;
+        tests|suite|sanitizer|kernels|generate|scoring|train) "step_$s" ;;
+        *) echo "unknown step '$s' (steps: env tests suite sanitizer kernels generate scoring train)"; failed=$((failed + 1)) ;;
     esac
 done
 echo "gpu.sh: ${#steps[@]} step(s), $failed failed; results in $RES${OUT:+ and $OUT}" | log "gpu-env-$stamp.txt"
