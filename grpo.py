@@ -41,7 +41,8 @@ One iteration, top to bottom in `main`:
      state is cleared) every `ref_reset_every` iterations or when held-out pass@1 has not improved for
      `ref_reset_patience` evaluations.
 Logged per iteration: reward (the shaped, weighted sum), accuracy (binary correctness: the fraction of
-completions whose correctness reward is >= verifiers.CORRECT; not the shaped reward), KL, response length,
+completions whose correctness reward is >= verifiers.CORRECT; logged only when it can differ from the reward,
+see accuracy_differs: with the default `correctness` reward on 0/1 verifiers it is the same number), KL, response length,
 truncation rate, the fraction of sampled groups whose correctness is all equal (no learning signal),
 dynamic-sampling rounds and drops, clip fractions (low side, high side), mean |advantage|, MGPO's mean
 weight, the gradient norm before clipping and the policy entropy (mean over the sampled completion tokens
@@ -70,7 +71,7 @@ from eval import TRUNCATION_WARN, check_budget, fit_prompts, heldout_accuracy, w
 from engine import Engine, stop_tokens_for
 from model import output_logprobs
 from tasks import example_prompt_ids, exact_match_reward, extract_answer, load_examples
-from verifiers import CORRECT, KINDS, score_batch
+from verifiers import BINARY_KINDS, CORRECT, KINDS, score_batch
 
 
 @dataclass
@@ -220,6 +221,13 @@ def reward_spec(cfg):
     except ValueError:
         raise SystemExit(f"error: --reward_weights must be comma-separated numbers, got '{cfg.reward_weights}'")
     return funcs, weights
+
+
+def accuracy_differs(cfg, kinds):
+    """Whether `accuracy` (binary correctness) says something `reward` does not. Not when the reward is
+    `correctness` alone at weight 1 and every row kind's verifier scores 0 or 1: then both are the same
+    number, and only `reward` is logged."""
+    return reward_spec(cfg) != (["correctness"], [1.0]) or not set(kinds) <= set(BINARY_KINDS)
 
 
 def response_budget(cfg, it):
@@ -905,7 +913,9 @@ def main(cfg):
         train_model = torch.nn.parallel.DistributedDataParallel(LogprobsModule(model), broadcast_buffers=False)
     say("grpo config: " + json.dumps(asdict(cfg)))
     pools, problems = fit_to_context(tok, model.cfg.max_seq_len, pools, problems, cfg)
-    several_kinds = len({r["kind"] for rows, _ in pools for r in rows}) > 1
+    kinds = {r["kind"] for rows, _ in pools for r in rows}
+    several_kinds = len(kinds) > 1
+    log_accuracy = accuracy_differs(cfg, kinds)
 
     if cfg.prefilter_samples > 0:  # measured once on the starting policy, kept across resumes
         path = os.path.join(cfg.out_dir, "prefilter.json")
@@ -981,7 +991,7 @@ def main(cfg):
         if ranks_reduce(len(batch["rewards"]), "min") == 0:
             metrics.write(step=it + 1, skipped=1, seconds=time.time() - t0, **row)
             note(f"iter {it}: no informative group in {row.get('ds_rounds', 1)} rounds"
-                       + (" on at least one rank" if ranks()[1] > 1 else "") + "; no update")
+                 + (" on at least one rank" if ranks()[1] > 1 else "") + "; no update")
         else:
             row.update(ranks_mean(train_on_batch(train_model, ref, optimizer, batch, cfg, budget, device, it),
                                   len(batch["completions"])))
@@ -989,12 +999,14 @@ def main(cfg):
                 row.update(per_kind_stats(*ranks_gather([batch["kinds"], batch["rewards"].flatten().tolist(),
                                                          batch["correct"].flatten().tolist(),
                                                          [len(c) for c in batch["completions"]]])))
+            if not log_accuracy:  # the same number as the reward: logged once
+                row = {k: v for k, v in row.items() if k.split("/")[0] != "accuracy"}
             check_model(model, it + 1, cfg.out_dir)  # a blown-up policy stops here, not in the next sampling
             metrics.write(step=it + 1, seconds=time.time() - t0, **row)
             if not warned_truncation and row["truncated"] > TRUNCATION_WARN:  # once a run: the rate is logged
                 warn_truncation(row["truncated"], f"iteration {it + 1}'s GRPO training", budget)
                 warned_truncation = True
-            bar.set_postfix(acc=f"{row['accuracy']:.3f}", len=f"{row['response_len']:.0f}",
+            bar.set_postfix(acc=f"{row.get('accuracy', row['reward']):.3f}", len=f"{row['response_len']:.0f}",
                             eq=f"{row['frac_all_equal']:.2f}")
         done = it + 1
         if cfg.ref_reset_every and done % cfg.ref_reset_every == 0 and done < cfg.iterations:

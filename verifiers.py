@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from tasks import exact_match_reward, extract_answer, write_jsonl
 
 KINDS = ("gsm8k", "math", "code", "code_output", "logic", "ifeval")
+BINARY_KINDS = ("gsm8k", "math", "code_output")  # verifiers that score 0 or 1 (the others: fractions, partial credit)
 CORRECT = 0.99  # reward at or above which a completion counts as correct (accuracy, pass@1)
 
 

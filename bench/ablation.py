@@ -143,7 +143,7 @@ def run_one(args):
     res = {"name": name, "group": group, "seed": seed, "config": grpo.asdict(cfg), "train_seconds": round(train_s, 1),
            "frac_all_equal": sum(r["frac_all_equal"] for r in its) / max(1, len(its)),
            "response_len": sum(r["sampled_len"] for r in its) / max(1, len(its)),  # all sampled completions
-           "accuracy_train": sum(r.get("accuracy", 0) for r in its) / max(1, len(its)),
+           "accuracy_train": sum(r.get("accuracy", r.get("reward", 0)) for r in its) / max(1, len(its)),
            "updates": sum("skipped" not in r for r in its), "iterations": len(its),
            "groups_sampled": sum(r["groups_sampled"] for r in its)}
     if cfg.dynamic_sampling:

@@ -1,4 +1,5 @@
 """GRPO's options against hand computations on tiny tensors (point 11 of the RL-recipes issue)."""
+import dataclasses
 import math
 import os
 
@@ -416,6 +417,14 @@ def test_policy_entropy_equals_categorical_entropy_of_the_logits(temperature):
 
 # ---------------------------------------------------------------------------------------------- --mix (issue 14)
 
+def test_accuracy_is_logged_only_where_it_differs_from_the_reward():
+    cfg = grpo.GRPOConfig()
+    assert not grpo.accuracy_differs(cfg, {"gsm8k"}) and not grpo.accuracy_differs(cfg, {"gsm8k", "math", "code_output"})
+    assert grpo.accuracy_differs(cfg, {"gsm8k", "code"})  # a fraction of tests passed is not 0/1
+    assert grpo.accuracy_differs(dataclasses.replace(cfg, reward_funcs="correctness,overlong"), {"gsm8k"})
+    assert grpo.accuracy_differs(dataclasses.replace(cfg, reward_weights="2"), {"gsm8k"})
+
+
 def test_mix_parsing_and_draws():
     import random
     from verifiers import kind_of
@@ -501,8 +510,10 @@ def test_mixed_grpo_run_logs_per_kind(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
     it = [r for r in rows if "reward" in r][0]
     for kind in ("gsm8k", "code_output"):
-        assert 0 <= it[f"reward/{kind}"] <= 1 and 0 <= it[f"accuracy/{kind}"] <= 1 and it[f"response_len/{kind}"] > 0
+        assert 0 <= it[f"reward/{kind}"] <= 1 and it[f"response_len/{kind}"] > 0
         assert any(f"heldout_pass1/{kind}" in r for r in rows)
+    # correctness alone on two 0/1 verifiers: accuracy would repeat the reward, so it is not logged
+    assert not any(k.split("/")[0] == "accuracy" for k in it)
     res = evaluate.main(evaluate.EvalConfig(ckpts=str(tmp_path / "grpo"), data_dir=str(d), n_heldout=12, k=0,
                                             max_new_tokens=8, out=str(tmp_path / "eval"), device="cpu",
                                             kernels="torch"))
