@@ -285,6 +285,25 @@ def init_distributed(device_name="auto"):
     return rank, world, device
 
 
+def ranks():
+    """(rank, world size) of the process group, (0, 1) without torchrun."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def ranks_reduce(value, op="sum"):
+    """A number summed (or the max / min) over the ranks; the value itself without torchrun."""
+    dist = torch.distributed
+    if ranks()[1] == 1:
+        return value
+    dev = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(float(value), dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return type(value)(t.item())
+
+
 def shard_model(model):
     """FSDP2 (`torch.distributed.fsdp.fully_shard`): each block, then the root (embedding, final norm), so that
     parameters, gradients and optimizer state are split across the ranks; a block's weights are gathered for
@@ -810,14 +829,7 @@ class Run:
     def _stop_everywhere(self):
         """Whether any rank got a signal (all ranks must stop after the same step, or the others would wait in
         the next collective): one tiny all-reduce per step under torchrun, nothing otherwise."""
-        stop = self.signal is not None
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dev = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-            flag = torch.tensor([float(stop)], device=dev)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = flag.item() > 0
-        return stop
+        return ranks_reduce(float(self.signal is not None), "max") > 0
 
     def close(self):
         """Restore the signal handlers and release the lock (also done at exit, and by a later run of this process)."""

@@ -65,8 +65,8 @@ import torch
 from tqdm import tqdm
 
 from common import (Metrics, atomic_write, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
-                    init_distributed, pick_kernels, progress, save_checkpoint, seed_everything, set_threads, start_run,
-                    check_model)
+                    init_distributed, pick_kernels, progress, ranks, ranks_reduce, save_checkpoint, seed_everything,
+                    set_threads, start_run, check_model)
 from eval import TRUNCATION_WARN, check_budget, fit_prompts, heldout_accuracy, warn_truncation
 from engine import Engine, stop_tokens_for
 from model import output_logprobs
@@ -806,25 +806,6 @@ def fit_to_context(tok, max_seq_len, pools, problems, cfg):
 
 NO_METRICS = type("NoMetrics", (), {"write": lambda self, **row: None})()  # ranks other than 0 write none
 RANK_SEED = 1_000_000_007  # rank r samples with the seed of rank 0 plus r times this
-
-
-def ranks():
-    """(rank, world size) of the process group, (0, 1) without torchrun."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def ranks_reduce(value, op="sum"):
-    """A number summed (or the max / min) over the ranks; the value itself without torchrun."""
-    dist = torch.distributed
-    if ranks()[1] == 1:
-        return value
-    dev = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(float(value), dtype=torch.float64, device=dev)
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
-    return type(value)(t.item())
 
 
 def ranks_gather(lists):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from common import (Metrics, autocast, check_finite, gather_full, grad_sync, init_distributed, load_checkpoint,
                     load_sharded_optimizer, load_training_state, log, parse_config, pick_kernels, progress,
-                    save_checkpoint, seed_everything, set_threads, shard_model, start_run)
+                    ranks_reduce, save_checkpoint, seed_everything, set_threads, shard_model, start_run)
 from engine import generate
 from memory import auto_micro_batch
 from shards import load_shards, sample_batch
@@ -104,12 +104,6 @@ def make_optimizer(model, cfg, device):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=torch.device(device).type == "cuda")
-
-
-def all_ranks_mean(value, device):
-    t = torch.tensor(float(value), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.item() / torch.distributed.get_world_size()
 
 
 @torch.no_grad()
@@ -227,7 +221,7 @@ def main(cfg):
                 loss.backward()
             loss_sum += loss.item()
         if world > 1:  # the logged loss is the mean over all ranks, as one process would see it
-            loss_sum = all_ranks_mean(loss_sum, device)
+            loss_sum = ranks_reduce(loss_sum) / world
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()  # FSDP: a DTensor
         check_finite(gnorm, "the gradient norm", step, cfg.out_dir)

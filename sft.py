@@ -33,9 +33,10 @@ from dataclasses import dataclass
 
 import torch
 from common import (Metrics, autocast, check_finite, init_distributed, load_checkpoint, load_training_state, log,
-                    parse_config, pick_kernels, progress, save_checkpoint, seed_everything, set_threads, start_run)
+                    parse_config, pick_kernels, progress, ranks_reduce, save_checkpoint, seed_everything, set_threads,
+                    start_run)
 from eval import check_budget, fit_prompts, heldout_accuracy
-from pretrain import all_ranks_mean, lr_at, make_optimizer
+from pretrain import lr_at, make_optimizer
 from tasks import chat_messages_ids, load_examples, read_jsonl
 
 
@@ -247,7 +248,7 @@ def main(cfg):
                 loss.backward()
             loss_sum += loss.item() / world
         if world > 1:
-            loss_sum = all_ranks_mean(loss_sum, device) * world
+            loss_sum = ranks_reduce(loss_sum)  # the sum over ranks of each rank's share
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         check_finite(gnorm, "the gradient norm", step, cfg.out_dir)
         gnorm = gnorm.item()
