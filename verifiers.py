@@ -498,56 +498,132 @@ def logic_reward(completion, dataset, entry):
 
 
 # ==============================================================================================
-# Instruction following: IFEval-style checks (ids and kwargs as in google/IFEval)
+# Instruction following: the IFEval checks (ids and kwargs as in google/IFEval). Each follows the
+# `check_following` of its class in lm-evaluation-harness's lm_eval/tasks/ifeval/instructions.py
+# (the strict variant). Deviations, all to avoid nltk's and langdetect's models and downloads:
+#   - sentences are split at runs of . ! ? (the harness uses nltk's punkt tokenizer);
+#   - capital words are the all-caps runs of word characters, hyphens and apostrophes joined
+#     (the harness uses nltk.word_tokenize);
+#   - english_capital / english_lowercase check the case only (the harness also asks langdetect
+#     for "en"); language:response_language is not supported (rows using it are skipped);
+#   - keywords are matched literally (the harness uses them as regular expressions, which is
+#     the same for words and fails on keywords such as "c++").
 
 def _count_ok(n, relation, want):
-    return n < want if relation == "less than" else n >= want
+    return n < want if relation == "less than" else n >= want  # the harness's ("less than", "at least")
 
 
 def _words(text):
-    return re.findall(r"\b\w+\b", text)
+    return re.findall(r"\w+", text)  # instructions_util.count_words: nltk RegexpTokenizer(r"\w+")
 
 
-IFEVAL_CHECKS = {
-    "length_constraints:number_words":
-        lambda t, num_words, relation="at least": _count_ok(len(_words(t)), relation, num_words),
-    "length_constraints:number_sentences":
-        lambda t, num_sentences, relation="at least":
-            _count_ok(len([s for s in re.split(r"[.!?]+", t) if s.strip()]), relation, num_sentences),
-    "keywords:existence":
-        lambda t, keywords: all(re.search(re.escape(k), t, re.I) for k in keywords),
-    "keywords:forbidden_words":
-        lambda t, forbidden_words: not any(re.search(r"\b" + re.escape(w) + r"\b", t, re.I) for w in forbidden_words),
-    "keywords:frequency":
-        lambda t, keyword, frequency, relation="at least":
-            _count_ok(len(re.findall(re.escape(keyword), t, re.I)), relation, frequency),
-    "detectable_format:number_bullet_lists":
-        lambda t, num_bullets: len(re.findall(r"^\s*[*-]\s", t, re.M)) == num_bullets,
-    "detectable_format:json_format": lambda t: _is_json(t),
-    "detectable_format:title": lambda t: re.search(r"<<[^\n]+>>", t) is not None,
-    "change_case:english_lowercase": lambda t: t == t.lower(),
-    "change_case:english_capital": lambda t: t == t.upper(),
-    "punctuation:no_comma": lambda t: "," not in t,
-    "startend:end_checker": lambda t, end_phrase: t.strip().lower().endswith(end_phrase.strip().lower()),
-    "startend:quotation": lambda t: len(t.strip()) > 1 and t.strip()[0] == '"' and t.strip()[-1] == '"',
-}
+def _n_sentences(text):
+    return len([s for s in re.split(r"[.!?]+", text) if s.strip()])
 
 
 def _is_json(text):
-    text = text.strip().removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+    text = text.strip()
+    for fence in ("```json", "```Json", "```JSON", "```"):
+        text = text.removeprefix(fence)
     try:
-        json.loads(text)
+        json.loads(text.removesuffix("```").strip())
         return True
     except ValueError:
         return False
 
 
+def _n_paragraphs_starred(text):
+    """Paragraphs separated by '***'; an empty one inside (not at either end) fails the check (-1)."""
+    parts = re.split(r"\s?\*\*\*\s?", text)
+    n = len(parts)
+    for i, p in enumerate(parts):
+        if not p.strip():
+            if i in (0, len(parts) - 1):
+                n -= 1
+            else:
+                return -1
+    return n
+
+
+def _nth_paragraph_first_word(text, num_paragraphs, nth_paragraph, first_word):
+    parts = re.split(r"\n\n", text)
+    n = sum(1 for p in parts if p.strip())
+    if nth_paragraph > n or not parts[nth_paragraph - 1].strip():
+        return False
+    word = parts[nth_paragraph - 1].strip().split()[0].strip().lstrip("'").lstrip('"')
+    word = re.split(r"[.,?!'\"]", word)[0].lower()
+    return n == num_paragraphs and word == first_word.lower()
+
+
+def _postscript(text, postscript_marker):
+    pattern = {"P.P.S": r"\s*p\.\s?p\.\s?s.*$", "P.S.": r"\s*p\.\s?s\..*$"}.get(
+        postscript_marker, r"\s*" + postscript_marker.lower() + r".*$")
+    return re.search(pattern, text.lower(), flags=re.M) is not None
+
+
+def _n_highlights(text):
+    single = [h for h in re.findall(r"\*[^\n\*]*\*", text) if h.strip("*").strip()]
+    double = [h for h in re.findall(r"\*\*[^\n\*]*\*\*", text) if h.removeprefix("**").removesuffix("**").strip()]
+    return len(single) + len(double)
+
+
+def _two_responses(text):
+    parts = text.split("******")
+    for i, p in enumerate(parts):
+        if not p.strip() and i not in (0, len(parts) - 1):
+            return False
+    kept = [p.strip() for p in parts if p.strip()]
+    return len(kept) == 2 and kept[0] != kept[1]
+
+
+IFEVAL_CHECKS = {
+    "keywords:existence": lambda t, keywords: all(re.search(re.escape(k), t, re.I) for k in keywords),
+    "keywords:frequency": lambda t, keyword, frequency, relation="at least":
+        _count_ok(len(re.findall(re.escape(keyword.strip()), t, re.I)), relation, frequency),
+    "keywords:forbidden_words":
+        lambda t, forbidden_words: not any(re.search(r"\b" + re.escape(w) + r"\b", t, re.I) for w in forbidden_words),
+    "keywords:letter_frequency": lambda t, letter, let_frequency, let_relation="at least":
+        _count_ok(t.lower().count(letter.strip().lower()), let_relation, let_frequency),
+    "length_constraints:number_sentences": lambda t, num_sentences, relation="at least":
+        _count_ok(_n_sentences(t), relation, num_sentences),
+    "length_constraints:number_paragraphs": lambda t, num_paragraphs: _n_paragraphs_starred(t) == num_paragraphs,
+    "length_constraints:number_words": lambda t, num_words, relation="at least":
+        _count_ok(len(_words(t)), relation, num_words),
+    "length_constraints:nth_paragraph_first_word": _nth_paragraph_first_word,
+    "detectable_content:number_placeholders":
+        lambda t, num_placeholders: len(re.findall(r"\[.*?\]", t)) >= num_placeholders,
+    "detectable_content:postscript": _postscript,
+    "detectable_format:number_bullet_lists": lambda t, num_bullets:
+        len(re.findall(r"^\s*\*[^\*].*$", t, re.M)) + len(re.findall(r"^\s*-.*$", t, re.M)) == num_bullets,
+    "detectable_format:constrained_response":
+        lambda t: any(o in t.strip() for o in ("My answer is yes.", "My answer is no.", "My answer is maybe.")),
+    "detectable_format:number_highlighted_sections": lambda t, num_highlights: _n_highlights(t) >= num_highlights,
+    "detectable_format:multiple_sections": lambda t, section_spliter, num_sections:
+        len(re.split(r"\s?" + re.escape(section_spliter.strip()) + r"\s?\d+\s?", t)) - 1 >= num_sections,
+    "detectable_format:json_format": _is_json,
+    "detectable_format:title": lambda t: any(x.lstrip("<").rstrip(">").strip() for x in re.findall(r"<<[^\n]+>>", t)),
+    "combination:two_responses": _two_responses,
+    "combination:repeat_prompt":
+        lambda t, prompt_to_repeat: t.strip().lower().startswith(prompt_to_repeat.strip().lower()),
+    "startend:end_checker":
+        lambda t, end_phrase: t.strip().strip('"').lower().endswith(end_phrase.strip().lower()),
+    "startend:quotation": lambda t: len(t.strip()) > 1 and t.strip()[0] == '"' and t.strip()[-1] == '"',
+    "change_case:capital_word_frequency": lambda t, capital_frequency, capital_relation="at least":
+        _count_ok(sum(w.isupper() for w in re.findall(r"\w+(?:[-']\w+)*", t)), capital_relation, capital_frequency),
+    "change_case:english_capital": lambda t: t.isupper(),
+    "change_case:english_lowercase": lambda t: t.islower(),
+    "punctuation:no_comma": lambda t: "," not in t,
+}
+
+
 def ifeval_reward(completion, instructions):
-    """Fraction of `instructions` ([{"id", **kwargs}]) the text after '</think>' follows (ProRL: continuous).
+    """Fraction of `instructions` ([{"id", **kwargs}]) the response follows (ProRL: continuous). The response
+    is the completion as generated, as the harness's strict check takes it (an empty one follows nothing), or,
+    after a '</think>', the text after it less the whitespace that separates it from the thinking.
     Deviation from IFEval: its 'loose' variants (dropping first/last line, markdown) are not tried."""
-    text = completion.split("</think>")[-1].strip()
-    ok = [bool(IFEVAL_CHECKS[ins["id"]](text, **{k: v for k, v in ins.items() if k != "id" and v is not None}))
-          for ins in instructions]
+    text = completion.rsplit("</think>", 1)[1].lstrip() if "</think>" in completion else completion
+    ok = [bool(text.strip()) and bool(IFEVAL_CHECKS[ins["id"]](
+              text, **{k: v for k, v in ins.items() if k != "id" and v is not None})) for ins in instructions]
     return sum(ok) / len(ok) if ok else 0.0
 
 
@@ -707,6 +783,19 @@ def _from_ifeval(r):
     return {"prompt": r["prompt"], "kind": "ifeval", "instructions": ins}
 
 
+def _from_nemotron_if(r):
+    """nvidia/Llama-Nemotron-Post-Training-Dataset, config RL, split instruction_following (ProRL's
+    instruction-following source): "input" is the message list (one user turn), "args" holds IFEval's
+    "instruction_id_list" and "instruction_kwargs" (None-valued keys where the Hub's viewer unified the
+    dicts). The row's "system_prompt" ("detailed thinking on/off") is Llama-Nemotron's reasoning switch and
+    is dropped: it means nothing to other models."""
+    args = r["args"]
+    ins = [{"id": i, **{k: v for k, v in (kw or {}).items() if v is not None}}
+           for i, kw in zip(args["instruction_id_list"], args["instruction_kwargs"], strict=True)]
+    msgs = [{"role": m["role"], "content": m["content"]} for m in r["input"] if m["role"] in ("system", "user")]
+    return {"messages": msgs, "kind": "ifeval", "instructions": ins}
+
+
 def _last_boxed(text):
     """The last balanced \\boxed{...} of a solution, or None."""
     start = text.rfind("\\boxed{")
@@ -735,11 +824,14 @@ MATH_INSTRUCTION = "\nLet's think step by step and output the final answer withi
 
 HUB_DATASETS = {
     # name: (Hub repo, file pattern, converter). ProRL App. D: DeepScaleR (math), Eurus-2-RL (code, and math),
-    # SCP-116K (STEM), IFEval-style instructions; GSM8K for the small-model path. Reasoning Gym is generated offline instead.
+    # SCP-116K (STEM), Llama-Nemotron's IFEval-style instructions; GSM8K for the small-model path.
+    # Reasoning Gym is generated offline instead.
     "deepscaler": ("agentica-org/DeepScaleR-Preview-Dataset", "*.json", _from_deepscaler),
     "eurus2_rl": ("PRIME-RL/Eurus-2-RL-Data", "*train*.parquet", _from_eurus),
     "gsm8k": ("openai/gsm8k", "main/train-*.parquet", _from_gsm8k),
-    "ifeval": ("google/IFEval", "*.jsonl", _from_ifeval),
+    "ifeval": ("google/IFEval", "*.jsonl", _from_ifeval),  # IFEval itself: an evaluation set, kept for eval rows
+    "nemotron_if": ("nvidia/Llama-Nemotron-Post-Training-Dataset", "RL/instruction_following/*.jsonl",
+                    _from_nemotron_if),  # ProRL's instruction-following prompts (it used 10K of them)
     "scp116k": ("EricLu/SCP-116K", "*.parquet", _from_scp116k),  # STEM (see _from_scp116k for the filter)
 }
 

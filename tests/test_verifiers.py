@@ -221,6 +221,122 @@ def test_ifeval_checks():
                                       "relation": "less than"}]) == 0.0
 
 
+# (instruction id, kwargs, response, followed?) -- expected values worked out by hand from the rules in
+# lm-evaluation-harness's lm_eval/tasks/ifeval/instructions.py (strict check).
+IFEVAL_CASES = [
+    ("keywords:frequency", {"keyword": "cat", "frequency": 2, "relation": "at least"}, "Cat and CAT.", True),
+    ("keywords:frequency", {"keyword": "cat", "frequency": 2, "relation": "less than"}, "cat, cat", False),
+    ("keywords:forbidden_words", {"forbidden_words": ["dog"]}, "Dogs are fine.", True),  # whole words only
+    ("keywords:forbidden_words", {"forbidden_words": ["dog"]}, "A DOG.", False),
+    ("keywords:letter_frequency", {"letter": "e", "let_frequency": 3, "let_relation": "at least"}, "Eve ate", True),
+    ("keywords:letter_frequency", {"letter": "e", "let_frequency": 3, "let_relation": "less than"}, "Eve ate", False),
+    ("length_constraints:number_sentences", {"num_sentences": 2, "relation": "less than"}, "One. Two!", False),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "one\n***\ntwo\n***\n", True),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "one *** *** two", False),  # empty one inside
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "hello"},
+     "Hi.\n\n\"Hello, there\"", True),
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 3, "nth_paragraph": 2, "first_word": "hello"},
+     "Hi.\n\nHello", False),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2}, "Dear [name], at [address].", True),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2}, "Dear [name].", False),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Body.\n\np.s. see you", True),
+    ("detectable_content:postscript", {"postscript_marker": "P.P.S"}, "Body. P.S. only one", False),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "* a\n- b\n**bold** line", True),
+    ("detectable_format:constrained_response", {}, "Well... My answer is maybe.", True),
+    ("detectable_format:constrained_response", {}, "My answer is perhaps.", False),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "*one* and **two**", True),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "*one* and * *", False),
+    ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 2},
+     "Section 1\nfoo\nSection 2\nbar", True),
+    ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 2}, "Section 1 only", False),
+    ("detectable_format:json_format", {}, '```JSON\n{"a": 1}\n```', True),
+    ("detectable_format:title", {}, "<<  >> no title", False),
+    ("combination:two_responses", {}, "Yes.\n******\nNo.", True),
+    ("combination:two_responses", {}, "Yes.\n******\nYes.", False),
+    ("combination:repeat_prompt", {"prompt_to_repeat": "Say hi."}, "say HI. Hi!", True),
+    ("combination:repeat_prompt", {"prompt_to_repeat": "Say hi."}, "Hi!", False),
+    ("startend:end_checker", {"end_phrase": "Any questions?"}, '"Done. Any questions?"', True),
+    ("startend:quotation", {}, '"quoted"', True),
+    ("startend:quotation", {}, '"', False),
+    ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "at least"},
+     "USE CAPS-LOCK sometimes", True),
+    ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "less than"}, "NO NO", False),
+    ("change_case:english_capital", {}, "ALL CAPS, 100%", True),
+    ("change_case:english_capital", {}, "123", False),  # no cased letter: str.isupper is False
+    ("punctuation:no_comma", {}, "", False),  # an empty response follows nothing
+]
+
+
+@pytest.mark.parametrize("iid,kwargs,text,want", IFEVAL_CASES)
+def test_ifeval_check_against_hand_worked_cases(iid, kwargs, text, want):
+    assert V.ifeval_reward(text, [{"id": iid, **kwargs}]) == float(want)
+
+
+def test_ifeval_checks_cover_all_but_the_language_instruction():
+    harness_ids = {  # lm_eval/tasks/ifeval/instructions_registry.py INSTRUCTION_DICT
+        "keywords:existence", "keywords:frequency", "keywords:forbidden_words", "keywords:letter_frequency",
+        "language:response_language", "length_constraints:number_sentences", "length_constraints:number_paragraphs",
+        "length_constraints:number_words", "length_constraints:nth_paragraph_first_word",
+        "detectable_content:number_placeholders", "detectable_content:postscript",
+        "detectable_format:number_bullet_lists", "detectable_format:constrained_response",
+        "detectable_format:number_highlighted_sections", "detectable_format:multiple_sections",
+        "detectable_format:json_format", "detectable_format:title", "combination:two_responses",
+        "combination:repeat_prompt", "startend:end_checker", "change_case:capital_word_frequency",
+        "change_case:english_capital", "change_case:english_lowercase", "punctuation:no_comma", "startend:quotation"}
+    assert set(V.IFEVAL_CHECKS) == harness_ids - {"language:response_language"}
+    # after '</think>' the separating whitespace goes, so the first paragraph is the answer's first one
+    first = [{"id": "length_constraints:nth_paragraph_first_word", "num_paragraphs": 1, "nth_paragraph": 1,
+              "first_word": "yes"}]
+    assert V.ifeval_reward("<think>hm</think>\n\nYes, I can.", first) == 1.0
+    assert V.ifeval_reward("\n\nYes, I can.", first) == 0.0  # no thinking: taken as generated (paragraph 1 empty)
+
+
+def test_ifeval_checks_match_the_harness_on_random_responses(monkeypatch):
+    """Where lm-evaluation-harness is installed: every check but the three that need nltk's punkt or
+    langdetect's models agrees with the harness's own check_following on random responses built from
+    the pieces the checks look for."""
+    H = pytest.importorskip("lm_eval.tasks.ifeval.instructions")
+    registry = pytest.importorskip("lm_eval.tasks.ifeval.instructions_registry").INSTRUCTION_DICT
+    monkeypatch.setattr(H.langdetect, "detect", lambda text: "en")  # case checks only: see IFEVAL_CHECKS' comment
+    rng = random.Random()
+    pieces = ["the", "The", "cat", "CAT", ",", ".", "!", "?", " ", " ", "\n", "\n\n", "***", " *** ", "*", "**",
+              "*hi*", "**bold**", "* item", "- item", "[name]", "<<Title>>", "<< >>", "P.S.", "p.s. more", "P.P.S",
+              "Section 1", "SECTION 2", "******", '"', "My answer is yes.", '{"a": 1}', "```json", "```", "'",
+              "Dear", "dear,", "e", "z", "llama", "repeat me"]
+    rel = ["less than", "at least"]
+    kwargs = {
+        "keywords:existence": lambda: {"keywords": rng.sample(["cat", "llama", "the"], 2)},
+        "keywords:frequency": lambda: {"keyword": "cat", "frequency": rng.randint(1, 3), "relation": rng.choice(rel)},
+        "keywords:forbidden_words": lambda: {"forbidden_words": rng.sample(["cat", "llama", "dear"], 2)},
+        "keywords:letter_frequency": lambda: {"letter": rng.choice("etz"), "let_frequency": rng.randint(1, 6),
+                                              "let_relation": rng.choice(rel)},
+        "length_constraints:number_paragraphs": lambda: {"num_paragraphs": rng.randint(1, 4)},
+        "length_constraints:number_words": lambda: {"num_words": rng.randint(1, 12), "relation": rng.choice(rel)},
+        "length_constraints:nth_paragraph_first_word": lambda: {"num_paragraphs": 2, "nth_paragraph": rng.randint(1, 2),
+                                                                "first_word": rng.choice(["the", "dear"])},
+        "detectable_content:number_placeholders": lambda: {"num_placeholders": rng.randint(1, 3)},
+        "detectable_content:postscript": lambda: {"postscript_marker": rng.choice(["P.S.", "P.P.S"])},
+        "detectable_format:number_bullet_lists": lambda: {"num_bullets": rng.randint(0, 3)},
+        "detectable_format:number_highlighted_sections": lambda: {"num_highlights": rng.randint(1, 3)},
+        "detectable_format:multiple_sections": lambda: {"section_spliter": rng.choice(["Section", "SECTION"]),
+                                                        "num_sections": rng.randint(1, 3)},
+        "combination:repeat_prompt": lambda: {"prompt_to_repeat": rng.choice(["repeat me", "The cat"])},
+        "startend:end_checker": lambda: {"end_phrase": rng.choice(["cat", "the cat."])},
+    }
+    ids = sorted(set(V.IFEVAL_CHECKS) - {"length_constraints:number_sentences", "change_case:capital_word_frequency"})
+    followed = 0
+    for _ in range(4000):
+        iid = rng.choice(ids)
+        kw = kwargs.get(iid, dict)()
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        ref = registry[iid](iid)
+        ref.build_description(**kw)
+        want = bool(text.strip()) and bool(ref.check_following(text))  # evaluation_lib's strict rule
+        assert V.ifeval_reward(text, [{"id": iid, **kw}]) == float(want), (iid, kw, text)
+        followed += want
+    assert 0 < followed < 4000
+
+
 def test_row_format_errors_and_prompts():
     assert V.check_row({"prompt": "p", "kind": "poetry"}).startswith("unknown kind")
     assert "needs 'gold'" in V.check_row({"prompt": "p", "kind": "math"})
@@ -278,6 +394,25 @@ def test_hub_loaders_on_fake_hub(tmp_path):
          "kwargs": [{}]},
         {"key": 2, "prompt": "Unsupported.", "instruction_id_list": ["language:response_language"],
          "kwargs": [{"language": "fr"}]}])
+    put("nvidia/Llama-Nemotron-Post-Training-Dataset", "RL/instruction_following/instruction_following.jsonl", [
+        {"input": [{"role": "user", "content": "Explain rain. Include a postscript starting with P.S."}],
+         "args": {"instruction_id_list": ["detectable_content:postscript", "length_constraints:number_words"],
+                  "instruction_kwargs": [{"postscript_marker": "P.S.", "num_words": None},
+                                         {"postscript_marker": None, "num_words": 4, "relation": "at least"}],
+                  "task": "instruction_following"},
+         "category": "instruction_following", "license": "odc-by", "reasoning": "off",
+         "used_in_training": "Ultra, Super", "version": "v1", "system_prompt": "detailed thinking off"},
+        {"input": [{"role": "user", "content": "Reply in French."}],
+         "args": {"instruction_id_list": ["language:response_language"], "instruction_kwargs": [{"language": "fr"}]},
+         "category": "instruction_following", "system_prompt": "detailed thinking off"},
+        {"input": [{"role": "user", "content": "Mismatched args."}],
+         "args": {"instruction_id_list": ["punctuation:no_comma"], "instruction_kwargs": []}}])
+    nif, nif_skipped = V.load_hub_rows("nemotron_if", str(tmp_path / "cache"), hub=hub)
+    assert nif_skipped == 2 and len(nif) == 1 and V.prompt_text(nif[0]).startswith("Explain rain.")
+    assert nif[0]["instructions"] == [{"id": "detectable_content:postscript", "postscript_marker": "P.S."},
+                                      {"id": "length_constraints:number_words", "num_words": 4, "relation": "at least"}]
+    assert V.score_batch(nif * 3, ["Rain falls from clouds.\nP.S. bring an umbrella", "Rain falls from clouds.",
+                                   "P.S. wet"]) == [1.0, 0.5, 0.5]
     put("EricLu/SCP-116K", "data/train-00000.parquet", [
         {"domain": "physics", "problem": "A car goes 100 m in 20 s. Its speed in m/s?", "matched_solution": "5 m/s",
          "o1_solution": "speed = 100/20 = \\boxed{5}", "is_o1_solution_same_with_matched_solution": True},
