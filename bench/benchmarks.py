@@ -16,7 +16,8 @@ Items come from ../shared/data when it is there (the harness's formats; MMLU one
 turn), else synthetic items of similar lengths. Each task is timed on its own, both paths one after the
 other, and reported with the total over all tasks. The tokenizer is a small BPE trained here on the items' text; the
 model keeps the 135M preset's 49152-row vocabulary, so the output layer costs what it costs in
-SmolLM2-135M. Reports items/s of each path, the speed-up, the largest |difference| of the per-choice
+SmolLM2-135M. Reports items/s of each path, the speed-up, the ratio of the two paths' linear-layer
+work (linear_macs: what the speed-up tracks on a compute-bound device), the largest |difference| of the per-choice
 log-likelihoods, and the machine's load average (the machine may be shared: compare the two paths of
 one run, not runs).
 """
@@ -36,7 +37,7 @@ from common import parse_config, pick_device  # noqa: E402
 from model import GPT, model_config  # noqa: E402
 from tokenizer import train_tokenizer  # noqa: E402
 
-from generate import env_info  # noqa: E402  (bench/generate.py: one machine description for every bench)
+from bench.generate import env_info  # noqa: E402  (one machine description for every bench)
 
 
 @dataclass
@@ -77,6 +78,25 @@ def load_requests(cfg, rng):
         except SystemExit:
             out[task] = synthetic_requests(rng, cfg.items)
     return out
+
+
+def linear_macs(model, tok, reqs):
+    """Multiply-accumulates of the linear layers (the bulk of the work at these lengths) for both paths:
+    one forward per choice runs every input token through the trunk and the output layer; batched
+    scoring runs each item's packed tree (shared prefix once) through the trunk and only the scored
+    positions through the output layer. Where the device is compute-bound (a CPU) the speed-up tracks
+    this ratio; it is not a hard ceiling: padding and attention are left out, and one forward per choice
+    also pays per-call overhead and a full-vocabulary log-softmax at every position."""
+    head = model.lm_head_weight.numel()
+    trunk = sum(p.numel() for n, p in model.named_parameters()
+                if p.dim() == 2 and p is not model.lm_head_weight and p is not model.embed.weight)
+    plain = batched = 0
+    for r in reqs:
+        seqs = B.item_sequences(tok, r, model.cfg.max_seq_len)
+        plain += sum(len(s) - 1 for s, _ in seqs) * (trunk + head)
+        tokens, _, _, _, targets = B._pack(seqs)
+        batched += len(tokens) * trunk + sum(len(t) for t in targets) * head
+    return plain, batched
 
 
 class _Offline:
@@ -147,6 +167,7 @@ def main(cfg):
     B.score_items(model, tok, reqs[:2], progress=False)
     B.score_unbatched(model, tok, reqs[:2])
     per_task, t_batched, t_plain, diff, same_pick = {}, 0.0, 0.0, 0.0, 0
+    macs_plain = macs_batched = 0
     for task, rs in by_task.items():  # the two paths task by task, one after the other
         t0 = time.time()
         batched = B.score_items(model, tok, rs, max_batch_tokens=cfg.max_batch_tokens, progress=False)
@@ -157,15 +178,20 @@ def main(cfg):
         t_batched, t_plain = t_batched + tb, t_plain + tp
         diff = max([diff] + [abs(a[0] - b[0]) for x, y in zip(batched, plain) for a, b in zip(x, y)])
         same_pick += sum(B.mc_metrics(r, x)["pred"] == B.mc_metrics(r, y)["pred"] for r, x, y in zip(rs, batched, plain))
+        m_plain, m_batched = linear_macs(model, tok, rs)
+        macs_plain, macs_batched = macs_plain + m_plain, macs_batched + m_batched
         per_task[task] = {"items": len(rs), "batched_items_per_s": round(len(rs) / tb, 3),
-                          "unbatched_items_per_s": round(len(rs) / tp, 3), "speedup": round(tp / tb, 2)}
+                          "unbatched_items_per_s": round(len(rs) / tp, 3), "speedup": round(tp / tb, 2),
+                          "linear_macs_ratio": round(m_plain / m_batched, 2)}
         print(f"{task:15s} {len(rs):4d} items  batched {len(rs) / tb:7.2f} items/s  one forward per choice "
-              f"{len(rs) / tp:7.2f} items/s  speed-up {tp / tb:5.1f}x", flush=True)
+              f"{len(rs) / tp:7.2f} items/s  speed-up {tp / tb:5.1f}x  "
+              f"(linear-layer work {m_plain / m_batched:4.1f}x less)", flush=True)
     load1 = os.getloadavg()
     res = {"items": len(reqs), "choices": n_choices, "device": device, "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
            "batched_items_per_s": len(reqs) / t_batched, "unbatched_items_per_s": len(reqs) / t_plain,
-           "speedup": t_plain / t_batched, "per_task": per_task, "max_abs_loglik_diff": diff,
+           "speedup": t_plain / t_batched, "linear_macs_ratio": macs_plain / macs_batched,
+           "per_task": per_task, "max_abs_loglik_diff": diff,
            "same_prediction": f"{same_pick}/{len(reqs)}",
            "loadavg_1min_before_after": [round(load0[0], 2), round(load1[0], 2)], "config": asdict(cfg),
            **env_info(torch.device(device))}  # date, commit, versions, GPU and driver
@@ -173,6 +199,8 @@ def main(cfg):
           f"load average {load0[0]:.1f} -> {load1[0]:.1f} on {res['cores']} cores)")
     print(f"all tasks: batched (packed, length-sorted): {res['batched_items_per_s']:.2f} items/s   "
           f"one forward per choice: {res['unbatched_items_per_s']:.2f} items/s   speed-up {res['speedup']:.1f}x")
+    print(f"linear-layer work of one forward per choice / batched: {res['linear_macs_ratio']:.2f}x "
+          f"(what the speed-up tracks where the device is compute-bound)")
     print(f"largest |log-likelihood difference| {diff:.2e}; same prediction on {same_pick}/{len(reqs)} items")
     out = cfg.out or (f"bench/results/benchmarks_{device}.json" if device.startswith("cuda")
                       else f"out/bench_benchmarks_{device}.json")

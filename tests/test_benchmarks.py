@@ -350,3 +350,25 @@ def test_eval_cli_one_table_across_checkpoints_and_per_item_json(model, tok, dat
         assert "completion" in res["items"][path]["gsm8k"][0]
     with pytest.raises(SystemExit, match="unknown task"):
         ev.main(ev.EvalConfig(ckpts=str(tmp_path / "a"), tasks="gsm9k", out=out))
+
+
+def test_bench_linear_macs_counts_the_shared_context_once_and_the_output_layer_at_scored_positions():
+    """bench/benchmarks.py's linear-layer work of both paths, against a hand count on a character-level
+    tokenizer: trunk = 2 layers x (q 16x16 + k, v 16x8 each + o 16x16 + gate, up, down 16x32 each)
+    = 2 x 2304 = 4608 per token, output layer 40 x 16 = 640 per scored token."""
+    from bench.benchmarks import linear_macs
+
+    class Chars:
+        bos_id = 0
+
+        @staticmethod
+        def encode(text):
+            return [1 + ord(c) % 39 for c in text]
+
+    model = GPT(ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_kv_head=1, d_model=16, d_ff=32, max_seq_len=64))
+    req = {"contexts": ["abcd", "abcd"], "continuations": ["xyz", "w"]}  # bos + 4 context chars; 3 and 1 to score
+    plain, batched = linear_macs(model, Chars, [req])
+    # one forward per choice: inputs are bos+abcd+xy (7) and bos+abcd (5), every position through both
+    assert plain == (7 + 5) * (4608 + 640)
+    # packed: the shared inputs bos+abcd (5) once, then x, y of the first branch (2); 3 + 1 scored positions
+    assert batched == (5 + 2) * 4608 + (3 + 1) * 640
