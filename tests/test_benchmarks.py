@@ -13,6 +13,7 @@ import benchmarks as B
 import tasks
 from model import GPT, ModelConfig
 from tokenizer import train_tokenizer
+from hub_standin import LocalHub, OfflineHub
 
 
 def write_jsonl(path, rows):
@@ -238,32 +239,7 @@ def test_pass_at_k_matches_hand_computation():
         assert B.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), rel=1e-12)
 
 
-# ---------------------------------------------------------------- data: the Hub stand-in, bad input
-
-class OfflineHub:
-    def list_repo_files(self, *a, **k):
-        raise ConnectionError("no network")
-
-
-class LocalHub:
-    """list_repo_files / hf_hub_download over a local folder, as huggingface_hub does over the network."""
-
-    def __init__(self, root):
-        self.root, self.downloads = root, []
-
-    def list_repo_files(self, repo, repo_type=None):
-        base = os.path.join(self.root, repo)
-        return sorted(os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs)
-
-    def hf_hub_download(self, repo, filename, repo_type=None, local_dir=None):
-        dest = os.path.join(local_dir, filename)
-        if not os.path.exists(dest):
-            self.downloads.append(filename)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            with open(os.path.join(self.root, repo, filename), "rb") as src, open(dest, "wb") as dst:
-                dst.write(src.read())
-        return dest
-
+# ---------------------------------------------------------------- data: download (hub_standin.LocalHub), bad input
 
 def test_download_from_hub_layout_when_not_local(tmp_path):
     import pyarrow as pa

@@ -2,7 +2,6 @@
 import gzip
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -12,6 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import shards  # noqa: E402
 from data import GateConfig  # noqa: E402
+from hub_standin import LocalHub, OfflineHub  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
@@ -157,30 +157,7 @@ def test_missing_input_is_one_clear_error(tmp_path):
         data.expand_inputs(str(tmp_path / "nowhere"))
 
 
-# ---------------------------------------------------------------- download, with a local stand-in for the Hub
-
-class LocalHub:
-    """list_repo_files / hf_hub_download over a local folder, as huggingface_hub would over the network."""
-
-    def __init__(self, root):
-        self.root, self.downloads = root, []
-
-    def list_repo_files(self, repo, repo_type=None):
-        base = os.path.join(self.root, repo)
-        return sorted(os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs)
-
-    def hf_hub_download(self, repo, filename, repo_type=None, local_dir=None):
-        self.downloads.append(filename)
-        dest = os.path.join(local_dir, filename)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copy(os.path.join(self.root, repo, filename), dest)
-        return dest
-
-
-class OfflineHub:
-    def list_repo_files(self, repo, repo_type=None):
-        raise ConnectionError("no network")
-
+# ---------------------------------------------------------------- download (hub_standin.LocalHub stands in for the Hub)
 
 def test_download_takes_max_shards_in_order_resumes_and_gates_read_it(tmp_path):
     pa = pytest.importorskip("pyarrow")

@@ -11,6 +11,7 @@ from fractions import Fraction
 import pytest
 
 import verifiers as V
+from hub_standin import LocalHub
 
 # Tight limits: a sandbox failure must not take down a machine shared by several people. Programs that end
 # by themselves get a roomy wall clock (a loaded machine starts python slowly); only those that never end
@@ -348,25 +349,11 @@ def test_row_format_errors_and_prompts():
         V.check_rows([{"question": "q", "target": 1}, {"prompt": "p", "kind": "nope"}], "rows.jsonl")
 
 
-class FakeHub:
-    """Stands a local folder in for the Hugging Face Hub: repo files live under root/<repo>/."""
-
-    def __init__(self, root):
-        self.root = root
-
-    def list_repo_files(self, repo, repo_type=None):
-        base = os.path.join(self.root, repo)
-        return [os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs]
-
-    def hf_hub_download(self, repo, filename, repo_type=None, local_dir=None):
-        return os.path.join(self.root, repo, filename)
-
-
 def test_hub_loaders_on_fake_hub(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     _iso()
-    hub = FakeHub(str(tmp_path / "hub"))
+    hub = LocalHub(str(tmp_path / "hub"))
 
     def put(repo, name, rows):
         path = tmp_path / "hub" / repo / name
