@@ -148,17 +148,22 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
     assert {int(sample_next(logits, 1.0, 0, 0.4, gen)) for _ in range(50)} == {0}
 
 
-def test_offset_attention_matches_sdpa_on_each_rows_real_keys():
-    torch.manual_seed(10)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_offset_attention_matches_sdpa_on_each_rows_real_keys(dtype):
+    """fp32 takes SDPA; bf16/fp16 on the CPU take grouped_attention: both against fp64 SDPA over each row's
+    real keys only (query heads 0-2 share KV head 0, 3-5 KV head 1), to the dtype's rounding."""
     B, Hq, Hkv, S, D = 3, 6, 2, 11, 16
     q, k, v = torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
     start = torch.tensor([0, 4, 10])
     bias = torch.zeros(B, S).masked_fill(torch.arange(S)[None] < start[:, None], float("-inf"))
-    got = offset_attention(q, k, v, bias)
+    got = offset_attention(q.to(dtype), k.to(dtype), v.to(dtype), bias.to(dtype))
+    assert got.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
     for b in range(B):
         s = int(start[b])
-        ref = F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, s:], v[b:b + 1, :, s:], enable_gqa=True)
-        torch.testing.assert_close(got[b:b + 1], ref, rtol=1e-5, atol=1e-5)
+        qd, kd, vd = (t[b:b + 1].to(dtype).double() for t in (q, k, v))
+        ref = F.scaled_dot_product_attention(qd, kd[:, :, s:], vd[:, :, s:], enable_gqa=True)
+        torch.testing.assert_close(got[b:b + 1].double(), ref, rtol=tol, atol=tol)
 
 
 def test_bad_input_is_one_clear_error():
