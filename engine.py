@@ -110,6 +110,10 @@ class KVCache:
         self.step_bias = None       # static mode: this step's bias, shared by the layers
         self.prefilling = False     # set by the engine around the prefill forward
         self.prefill_mask = None    # prefill with padding: (B, 1, T, T) causal-among-real-tokens mask
+        # bf16/fp16 on the CPU: decode attends over all S slots, those not yet written masked, because the
+        # (B, Hkv, :len) slice of the cache is not one block and the matmul would copy it every layer and step
+        self.whole_slots = device.type == "cpu" and dtype != torch.float32 and backend == "torch" and not static
+        self.upto, self.bias_upto = -1, None  # whole_slots: the bias with slots >= upto masked, made once per step
 
     def __getitem__(self, layer):
         return _LayerCache(self, layer)
@@ -118,6 +122,7 @@ class KVCache:
         """Keep only these rows (LongTensor), in this order: compaction and prompt -> samples expansion."""
         self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
         self.start, self.bias = self.start.index_select(0, rows), self.bias.index_select(0, rows)
+        self.upto = -1
 
     def begin_static_step(self):
         valid = (self.slots[None, :] >= self.start[:, None]) & (self.slots[None, :] <= self.cur)
@@ -142,6 +147,10 @@ class _LayerCache:
             return offset_attention(q, kc, vc, c.step_bias, c.backend)
         end = c.len + T
         kc[:, :, c.len:end], vc[:, :, c.len:end] = k, v
+        if c.whole_slots:
+            if c.upto != end:
+                c.upto, c.bias_upto = end, c.bias.masked_fill(c.slots[None, :] >= end, float("-inf"))
+            return grouped_attention(q, kc, vc, c.bias_upto)
         return offset_attention(q, kc[:, :, :end], vc[:, :, :end], c.bias[:, :end], c.backend)
 
 

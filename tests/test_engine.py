@@ -166,6 +166,38 @@ def test_offset_attention_matches_sdpa_on_each_rows_real_keys(dtype):
         torch.testing.assert_close(got[b:b + 1].double(), ref, rtol=tol, atol=tol)
 
 
+def test_whole_slot_decode_attention_of_a_bf16_cpu_cache_sees_each_rows_written_keys_only():
+    """bf16 on the CPU the cache attends over all S slots with the unwritten ones masked (whole_slots):
+    each decode step, also after rows are dropped and reordered (keep), must equal fp64 attention over
+    that row's slots start..written. Unwritten slots hold garbage here, so reading one would show."""
+    B, Hq, Hkv, S, D = 3, 4, 2, 10, 8
+    start = torch.tensor([0, 3, 5])
+    cache = KVCache(1, B, Hkv, S, D, torch.device("cpu"), torch.bfloat16, start)
+    assert cache.whole_slots
+    cache.k.normal_(), cache.v.normal_()
+    cache.k[:, :, :, 6:] += 50.0  # unwritten slots: must never be attended
+    cache.len = 6
+    kk, vv = cache.k[0, :, :, :6].clone(), cache.v[0, :, :, :6].clone()
+
+    def step(rows_start):
+        q, k, v = (torch.randn(len(rows_start), h, 1, D).bfloat16() for h in (Hq, Hkv, Hkv))
+        got = cache[0].attend(q, k, v)
+        nonlocal kk, vv
+        kk, vv = torch.cat([kk, k], 2), torch.cat([vv, v], 2)
+        for b, s in enumerate(rows_start.tolist()):
+            ref = F.scaled_dot_product_attention(q[b:b + 1].double(), kk[b:b + 1, :, s:].double(),
+                                                 vv[b:b + 1, :, s:].double(), enable_gqa=True)
+            torch.testing.assert_close(got[b:b + 1].double(), ref, rtol=3e-2, atol=3e-2)
+        cache.len += 1
+
+    step(start)
+    keep = torch.tensor([2, 0])
+    cache.keep(keep)
+    kk, vv = kk[keep], vv[keep]
+    step(start[keep])
+    step(start[keep])
+
+
 def test_bad_input_is_one_clear_error():
     model = GPT(small_cfg()).eval()
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
