@@ -506,8 +506,8 @@ def logic_reward(completion, dataset, entry):
 #     (the harness uses nltk.word_tokenize);
 #   - english_capital / english_lowercase check the case only (the harness also asks langdetect
 #     for "en"); language:response_language is not supported (rows using it are skipped);
-#   - keywords are matched literally (the harness uses them as regular expressions, which is
-#     the same for words and fails on keywords such as "c++").
+#   - keywords and section splitters are matched literally (the harness uses them as regular
+#     expressions, which is the same for words and fails on keywords such as "c++").
 
 def _count_ok(n, relation, want):
     return n < want if relation == "less than" else n >= want  # the harness's ("less than", "at least")
@@ -556,6 +556,7 @@ def _nth_paragraph_first_word(text, num_paragraphs, nth_paragraph, first_word):
 
 
 def _postscript(text, postscript_marker):
+    postscript_marker = postscript_marker.strip()  # as the harness's build_description
     pattern = {"P.P.S": r"\s*p\.\s?p\.\s?s.*$", "P.S.": r"\s*p\.\s?s\..*$"}.get(
         postscript_marker, r"\s*" + postscript_marker.lower() + r".*$")
     return re.search(pattern, text.lower(), flags=re.M) is not None
