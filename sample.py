@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from common import load_checkpoint, log, parse_config, pick_device, pick_kernels, set_threads
-from engine import generate
+from engine import generate, stop_tokens_for
 from tasks import chat_prompt_ids
 
 
@@ -54,14 +54,14 @@ def prompt_tokens(tok, fmt, messages_or_text):
     return [tok.bos_id] + tok.encode(messages_or_text)
 
 
-def sample(model, tok, prompt, cfg, stop_id, generator):
-    """n_samples completions (token ids) of one prompt."""
-    return generate(model, [prompt] * cfg.n_samples, cfg.max_new_tokens, stop_tokens=[stop_id],
+def sample(model, tok, prompt, cfg, stops, generator):
+    """n_samples completions (token ids) of one prompt, each ending at a stop id (engine.stop_tokens_for)."""
+    return generate(model, [prompt] * cfg.n_samples, cfg.max_new_tokens, stop_tokens=stops,
                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
 
 
-def text_of(tok, ids, stop_id):
-    return tok.decode(ids[:-1] if ids and ids[-1] == stop_id else ids)
+def text_of(tok, ids, stops):
+    return tok.decode(ids[:-1] if ids and ids[-1] in stops else ids)
 
 
 def chat_loop(model, tok, cfg, generator, read=input, write=print):
@@ -91,8 +91,8 @@ def chat_loop(model, tok, cfg, generator, read=input, write=print):
                   f"{budget} fit the model's context; send a shorter one)")
             history = []
             continue
-        outs = sample(model, tok, prompt, cfg, tok.end_id, generator)
-        answer = text_of(tok, outs[0], tok.end_id)
+        stops = stop_tokens_for(tok, "chat")
+        answer = text_of(tok, sample(model, tok, prompt, cfg, stops, generator)[0], stops)
         history.append({"role": "assistant", "content": answer})
         write(f"model> {answer}")
     return history
@@ -120,8 +120,8 @@ def main(cfg, read=input, write=print):
     if len(prompt) + cfg.max_new_tokens > model.cfg.max_seq_len:
         raise SystemExit(f"error: the prompt is {len(prompt)} tokens; with --max_new_tokens={cfg.max_new_tokens} at "
                          f"most {model.cfg.max_seq_len - cfg.max_new_tokens} fit the model's context. Shorten one.")
-    stop_id = tok.end_id if fmt == "chat" else tok.bos_id  # a base model ends a document with the next <|bos|>
-    texts = [text_of(tok, o, stop_id) for o in sample(model, tok, prompt, cfg, stop_id, generator)]
+    stops = stop_tokens_for(tok, fmt)  # a chat turn ends at end-of-turn; a base model's document at the next <|bos|>
+    texts = [text_of(tok, o, stops) for o in sample(model, tok, prompt, cfg, stops, generator)]
     for i, t in enumerate(texts):
         if cfg.n_samples > 1:
             write(f"--- sample {i + 1}/{cfg.n_samples}")
