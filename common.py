@@ -293,6 +293,16 @@ def ranks():
     return 0, 1
 
 
+def ranks_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] (any picklable object, all_gather_object); [obj] without torchrun."""
+    world = ranks()[1]
+    if world == 1:
+        return [obj]
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
+
+
 def ranks_reduce(value, op="sum"):
     """A number summed (or the max / min) over the ranks; the value itself without torchrun."""
     dist = torch.distributed

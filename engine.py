@@ -122,7 +122,6 @@ class KVCache:
         # bf16/fp16 on the CPU: decode attends over all S slots, those not yet written masked, because the
         # (B, Hkv, :len) slice of the cache is not one block and the matmul would copy it every layer and step
         self.whole_slots = device.type == "cpu" and dtype in HALF_DTYPES and backend == "torch" and not static
-        self.upto, self.bias_upto = -1, None  # whole_slots: the bias with slots >= upto masked, made once per step
 
     def __getitem__(self, layer):
         return _LayerCache(self, layer)
@@ -131,7 +130,6 @@ class KVCache:
         """Keep only these rows (LongTensor), in this order: compaction and prompt -> samples expansion."""
         self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
         self.start, self.bias = self.start.index_select(0, rows), self.bias.index_select(0, rows)
-        self.upto = -1  # whole_slots: bias_upto was made for the old rows
 
     def begin_static_step(self):
         valid = (self.slots[None, :] >= self.start[:, None]) & (self.slots[None, :] <= self.cur)
@@ -156,10 +154,8 @@ class _LayerCache:
             return offset_attention(q, kc, vc, c.step_bias, c.backend)
         end = c.len + T
         kc[:, :, c.len:end], vc[:, :, c.len:end] = k, v
-        if c.whole_slots:
-            if c.upto != end:
-                c.upto, c.bias_upto = end, c.bias.masked_fill(c.slots[None, :] >= end, float("-inf"))
-            return grouped_attention(q, kc, vc, c.bias_upto)
+        if c.whole_slots:  # (B, S) mask per layer: microseconds beside the attention's milliseconds
+            return grouped_attention(q, kc, vc, c.bias.masked_fill(c.slots[None, :] >= end, float("-inf")))
         return offset_attention(q, kc[:, :, :end], vc[:, :, :end], c.bias[:, :end], c.backend)
 
 

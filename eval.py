@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import torch
 from benchmarks import DEFAULT_DATA_DIR
 from common import (atomic_write, autocast, init_distributed, load_checkpoint, log, parse_config, pick_kernels,
-                    progress, set_threads)
+                    progress, ranks_gather_object, set_threads)
 from engine import Engine, stop_tokens_for
 from tasks import example_prompt_ids, load_examples, read_jsonl, stop_at_end
-from verifiers import CORRECT, kind_of, score_batch
+from verifiers import CORRECT, score_examples
 
 
 @dataclass
@@ -136,9 +136,7 @@ def completions(model, tok, examples, fmt, n_samples, temperature, max_new_token
         mine.append((i, [[stop_at_end(tok.decode(s.tokens), fmt) for s in group] for group in out],
                      sum(s.truncated for group in out for s in group)))
     if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, mine)
-        mine = sorted(p for part in parts for p in part)
+        mine = sorted(p for part in ranks_gather_object(mine) for p in part)
     texts = [t for _, chunk, _ in mine for t in chunk]
     n_cut = sum(n for _, _, n in mine)
     return texts, n_cut / max(1, len(examples) * n_samples)
@@ -151,29 +149,27 @@ CHUNK_SEED = 1_000_003  # seed offset between consecutive generation chunks (see
 def heldout_accuracy(model, tok, problems, fmt, k=8, temperature=1.0, max_new_tokens=64, batch_size=256,
                      seed=0, desc=None, sandbox="auto", rank=0, world=1):
     """-> {"pass@1": %, "pass@k": %, "truncated": % of greedy completions cut off by max_new_tokens} on
-    problems (examples of tasks.load_examples; their raw rows of any kind are scored by verifiers.py),
-    plus "pass@1/<kind>" for each task kind when there are several. pass@1 is greedy; a completion is
-    correct when its kind's verifier gives it >= 0.99. Under torchrun every rank calls it with its rank and
+    problems (examples of tasks.load_examples, scored by verifiers.score_examples as GRPO rewards them,
+    strict answer match), plus "pass@1/<kind>" for each task kind when there are several. pass@1 is greedy;
+    a completion is correct when its score is >= 0.99. Under torchrun every rank calls it with its rank and
     the world size: the ranks generate disjoint chunks of the problems, and all return the same numbers."""
     was_training = model.training
     model.eval()
-    rows = [p.get("row", p) for p in problems]
     greedy, cut = completions(model, tok, problems, fmt, 1, 0.0, max_new_tokens, batch_size, seed, desc, rank, world)
     warn_truncation(cut, "held-out greedy", max_new_tokens)
-    ok = [r is not None and r >= CORRECT
-          for r in score_batch(rows, [g[0] for g in greedy], isolation_mode=sandbox)]
+    ok = [s >= CORRECT for s in score_examples(problems, [g[0] for g in greedy], isolation_mode=sandbox)]
     res = {"pass@1": 100 * sum(ok) / len(problems)}
-    kinds = sorted({kind_of(r) for r in rows})
+    kinds = sorted({p["kind"] for p in problems})
     if len(kinds) > 1:
         for kind in kinds:
-            idx = [i for i, r in enumerate(rows) if kind_of(r) == kind]
+            idx = [i for i, p in enumerate(problems) if p["kind"] == kind]
             res[f"pass@1/{kind}"] = 100 * sum(ok[i] for i in idx) / len(idx)
     if k > 0:
         samples, _ = completions(model, tok, problems, fmt, k, temperature, max_new_tokens, batch_size, seed + 1,
                                  desc, rank, world)
-        flat = score_batch([r for r in rows for _ in range(k)], [s for ss in samples for s in ss],
-                           isolation_mode=sandbox)
-        pk = sum(any(r is not None and r >= CORRECT for r in flat[i * k:(i + 1) * k]) for i in range(len(problems)))
+        flat = score_examples([p for p in problems for _ in range(k)], [s for ss in samples for s in ss],
+                              isolation_mode=sandbox)
+        pk = sum(any(s >= CORRECT for s in flat[i * k:(i + 1) * k]) for i in range(len(problems)))
         res[f"pass@{k}"] = 100 * pk / len(problems)
     res["truncated"] = 100 * cut
     model.train(was_training)

@@ -18,7 +18,7 @@ One iteration, top to bottom in `main`:
      `prompts_per_iter` informative groups are in, at most `max_sampling_rounds` rounds. Before the first
      iteration an optional difficulty pre-filter (VibeThinker-3B) drops the training prompts the starting
      policy always or never solves.
-  2. rewards (`score`): a weighted sum (`reward_funcs`, `reward_weights`) of correctness (`correctness`: a
+  2. rewards (`score`): a weighted sum (`reward_funcs`, `reward_weights`) of correctness (verifiers.score_examples: a
      word-problem row's exact answer with the evaluation's extractor; a row of another kind (code,
      code_output, math, logic, ifeval) its verifier's score in [0, 1] from verifiers.score_batch, e.g. the
      fraction of unit tests passed in the sandbox as ProRL; a row its verifier cannot judge scores 0),
@@ -65,13 +65,13 @@ import torch
 from tqdm import tqdm
 
 from common import (Metrics, atomic_write, autocast, check_finite, load_checkpoint, load_training_state, log, parse_config,
-                    init_distributed, pick_kernels, progress, ranks, ranks_reduce, save_checkpoint, seed_everything,
-                    set_threads, start_run, check_model)
+                    init_distributed, pick_kernels, progress, ranks, ranks_gather_object, ranks_reduce, save_checkpoint,
+                    seed_everything, set_threads, start_run, check_model)
 from eval import TRUNCATION_WARN, check_budget, fit_prompts, heldout_accuracy, warn_truncation
 from engine import Engine, stop_tokens_for
 from model import output_logprobs
-from tasks import example_prompt_ids, exact_match_reward, extract_answer, load_examples
-from verifiers import BINARY_KINDS, CORRECT, KINDS, score_batch
+from tasks import example_prompt_ids, extract_answer, load_examples
+from verifiers import BINARY_KINDS, CORRECT, KINDS, score_examples
 
 
 @dataclass
@@ -249,12 +249,6 @@ def response_budget(cfg, it):
 # ----------------------------------------------------------------------------------------------
 # 2. Rewards. Each takes one completion; `score` weighs and sums them.
 
-def correctness_reward(text, target, mode="strict"):
-    """1 when the extracted answer equals the target: tasks.exact_match_reward, the evaluation's extractor
-    (lm-eval GSM8K strict-match = the first '#### N', or flexible-extract = the last number)."""
-    return exact_match_reward(text, target, mode)
-
-
 def format_reward(text):
     """1 when the completion states exactly one final answer as '#### N', else 0."""
     return float(text.count("####") == 1 and extract_answer(text) is not None)
@@ -281,29 +275,11 @@ def soft_overlong_punishment(length, max_len, cache):
     return -1.0
 
 
-def correctness(texts, examples, cfg):
-    """The correctness reward of each completion for its example (tasks.load_examples): a word-problem
-    row (kind gsm8k) by correctness_reward with `answer_match`; a row of another kind by its verifier
-    (verifiers.score_batch on the raw row: code in the sandbox, math-verify, reasoning-gym, IFEval checks),
-    a float in [0, 1]; None (a row its verifier cannot judge) -> 0."""
-    out = [0.0] * len(texts)
-    other = [i for i, ex in enumerate(examples) if ex.get("kind", "gsm8k") != "gsm8k"]
-    if other:
-        scores = score_batch([examples[i]["row"] for i in other], [texts[i] for i in other],
-                             isolation_mode=cfg.sandbox)
-        for i, sc in zip(other, scores):
-            out[i] = 0.0 if sc is None else float(sc)
-    for i, ex in enumerate(examples):
-        if ex.get("kind", "gsm8k") == "gsm8k":
-            out[i] = correctness_reward(texts[i], ex["target"], cfg.answer_match)
-    return out
-
-
 def score(texts, lengths, examples, cfg, budget):
     """-> (reward (N,), correct (N,) in {0, 1}, {func: mean}) for N completions of `examples` (one per
     completion). `correct` is binary: correctness >= verifiers.CORRECT (a code row passes ~all its tests)."""
     funcs, weights = reward_spec(cfg)
-    graded = correctness(texts, examples, cfg)
+    graded = score_examples(examples, texts, cfg.answer_match, cfg.sandbox)  # correctness: the number eval counts
     correct = [float(g >= CORRECT) for g in graded]
     total = [0.0] * len(texts)
     means = {}
@@ -488,19 +464,18 @@ def policy_logprobs(model, x, y, temperature, with_entropy=False):
     if model.cfg.kernels == "triton":  # the fused kernel never forms the logits: one more head matmul, no grad
         logp = output_logprobs(h, w, y.flatten(), model.cfg.kernels)
         with torch.no_grad():
-            ent = torch.cat([token_entropy(torch.nn.functional.linear(c, w).float())
+            ent = torch.cat([token_entropy(torch.nn.functional.linear(c, w).float().log_softmax(-1))
                              for c in h.detach().split(4096)])
     else:  # the logits of the log-prob itself (= model.output_logprobs' torch path, with log_softmax kept)
         logsm = torch.nn.functional.linear(h, w).float().log_softmax(-1)
         logp = logsm.gather(1, y.flatten()[:, None]).squeeze(1)
         with torch.no_grad():
-            ent = -(logsm.exp() * logsm).sum(-1)
+            ent = token_entropy(logsm)
     return logp.view(y.shape), ent.view(y.shape)
 
 
-def token_entropy(logits):
-    """-sum_v p_v log p_v of p = softmax(logits) over the last dimension."""
-    logsm = logits.log_softmax(-1)
+def token_entropy(logsm):
+    """-sum_v p_v log p_v over the last dimension, from log-probabilities log p."""
     return -(logsm.exp() * logsm).sum(-1)
 
 
@@ -634,7 +609,7 @@ def rollout(model, tok, pools, cfg, it, budget, device):
         rounds += 1
         if not rows:
             continue
-        prompts = [example_prompt_ids(tok, r, "chat") for r in rows for _ in range(G)]
+        prompts = [p for p in (example_prompt_ids(tok, r, "chat") for r in rows) for _ in range(G)]  # render once
         completions, truncated = sample_completions(model, tok, prompts, budget, cfg, gen)
         texts = [tok.decode(c) for c in completions]
         expanded = [r for r in rows for _ in range(G)]
@@ -681,9 +656,10 @@ def difficulty_prefilter(model, tok, rows, cfg, device, label):
     rates = []
     for i in progress(range(0, len(idx), 32), desc=f"pre-filter {label}", leave=False):
         chunk = [rows[j] for j in idx[i:i + 32]]
-        prompts = [example_prompt_ids(tok, r, "chat") for r in chunk for _ in range(k)]
+        prompts = [p for p in (example_prompt_ids(tok, r, "chat") for r in chunk) for _ in range(k)]
         completions, _ = sample_completions(model, tok, prompts, cfg.max_new_tokens, cfg, gen)
-        graded = correctness([tok.decode(c) for c in completions], [r for r in chunk for _ in range(k)], cfg)
+        graded = score_examples([r for r in chunk for _ in range(k)], [tok.decode(c) for c in completions],
+                                cfg.answer_match, cfg.sandbox)
         ok = [float(g >= CORRECT) for g in graded]
         rates += [sum(ok[j * k:(j + 1) * k]) / k for j in range(len(chunk))]
     kept = [j for j, p in zip(idx, rates) if 0 < p < 1]
@@ -813,8 +789,7 @@ def ranks_gather(lists):
     the lists themselves without torchrun."""
     if ranks()[1] == 1:
         return lists
-    parts = [None] * ranks()[1]
-    torch.distributed.all_gather_object(parts, lists)
+    parts = ranks_gather_object(lists)
     return [sum((p[i] for p in parts), []) for i in range(len(lists))]
 
 
@@ -824,8 +799,7 @@ def ranks_mean(row, weight, summed=("groups_sampled", "ds_groups")):
     summed. The row itself without torchrun."""
     if ranks()[1] == 1:
         return row
-    parts = [None] * ranks()[1]
-    torch.distributed.all_gather_object(parts, (row, weight))
+    parts = ranks_gather_object((row, weight))
     out = {}
     for k, v in row.items():
         have = [(r[k], w) for r, w in parts if k in r]
@@ -847,8 +821,7 @@ def rank_advantages(rewards, correct, cfg):
     rank, world = ranks()
     if world == 1 or cfg.scale_rewards != "batch":
         return group_advantages(rewards, correct, cfg.scale_rewards, cfg.advantage, cfg.mgpo_lambda, cfg.adv_eps)
-    parts = [None] * world
-    torch.distributed.all_gather_object(parts, (rewards.cpu(), correct.cpu()))
+    parts = ranks_gather_object((rewards.cpu(), correct.cpu()))
     start = sum(len(r) for r, _ in parts[:rank])
     adv = group_advantages(torch.cat([r for r, _ in parts]), torch.cat([c for _, c in parts]), cfg.scale_rewards,
                            cfg.advantage, cfg.mgpo_lambda, cfg.adv_eps)
@@ -871,7 +844,6 @@ def main(cfg):
     # every input is read and validated (all rows, tasks.load_examples) before any checkpoint is loaded
     pools = load_pools(cfg)
     problems = load_examples(cfg.heldout, "target", "held-out", limit=cfg.n_eval) if cfg.n_eval > 0 else []
-    os.makedirs(cfg.out_dir, exist_ok=True)
     src = run.ckpt if cfg.resume else cfg.init_from
     model, tok, meta, ckpt = load_checkpoint(src, device, expect_stage=["sft", "grpo", "import"], kernels=kernels)
     # the reference: the policy GRPO started from, or the last hard reset's snapshot; kept across resumes

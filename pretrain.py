@@ -142,7 +142,6 @@ def main(cfg):
     rank, world, device = init_distributed(cfg.device)
     kernels = pick_kernels(cfg.kernels, device)
     seed_everything(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     np_rng = np.random.default_rng(cfg.seed)  # the same on every rank: all ranks draw the same global batch
     start_step = 0
 
@@ -248,7 +247,7 @@ def main(cfg):
             vloss = val_loss(eval_model, val_shards, cfg, device)  # the bare model: DDP forwards are collective
             bar.write(f"step {step + 1}: train loss {loss_sum:.4f}, val loss {vloss:.4f}")
             metrics.write(step=step + 1, val_loss=vloss)
-            for line in (sample_text(eval_model, tok, cfg, device) if rank == 0 else []):
+            for line in sample_text(eval_model, tok, cfg, device):
                 bar.write(f"  sample: {line}")
         if checkpoint:
             save(step + 1, vloss, gathered)

@@ -28,16 +28,15 @@ Deviations: the paper builds its probe sets with an LLM and does not give k or N
 import math
 import os
 import random
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from common import (Metrics, autocast, check_finite, init_distributed, load_checkpoint, load_training_state, log,
-                    parse_config, pick_kernels, progress, ranks_reduce, save_checkpoint, seed_everything, set_threads,
-                    start_run)
+from common import (Metrics, autocast, check_finite, grad_sync, init_distributed, load_checkpoint, load_training_state,
+                    log, parse_config, pick_kernels, progress, ranks_reduce, save_checkpoint, seed_everything,
+                    set_threads, start_run, update_checkpoint_meta)
 from eval import check_budget, fit_prompts, heldout_accuracy
 from pretrain import lr_at, make_optimizer
-from tasks import chat_messages_ids, load_examples, read_jsonl
+from tasks import chat_messages_ids, load_examples
 
 
 @dataclass
@@ -161,7 +160,6 @@ def main(cfg):
     # every input is read and validated before any training: a bad held-out row must not cost a run
     rows = load_examples(cfg.data, "answer", "SFT training")
     problems = load_examples(cfg.heldout, "target", "held-out", limit=cfg.n_eval) if cfg.n_eval > 0 else []
-    os.makedirs(cfg.out_dir, exist_ok=True)
     model, tok, base_meta, _ = load_checkpoint(cfg.init_from, device, expect_stage=["pretrain", "sft", "import"],
                                                kernels=kernels)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -191,12 +189,12 @@ def main(cfg):
 
     probe_sets, snapshots, scores = {}, {}, {}
     if cfg.probe_every > 0:
-        for row in read_jsonl(cfg.probe):
-            if "subdomain" not in row:
+        for ex in load_examples(cfg.probe, "target", "probe"):  # held-out problems, as eval reads them
+            if "subdomain" not in ex["row"]:
                 raise SystemExit(f"error: {cfg.probe} rows need a 'subdomain' field; python tasks.py writes one")
-            rows_k = probe_sets.setdefault(row["subdomain"], [])
+            rows_k = probe_sets.setdefault(ex["row"]["subdomain"], [])
             if len(rows_k) < cfg.probe_n:
-                rows_k.append(row)
+                rows_k.append(ex)
         log(f"spectrum SFT: probing every {cfg.probe_every} steps on {', '.join(probe_sets)} "
             f"({cfg.probe_n} problems each, pass@{cfg.probe_k})")
 
@@ -242,7 +240,7 @@ def main(cfg):
         for m in range(rank, len(micros), world):
             x, y = collate(micros[m], device)
             last_micro = m + world >= len(micros)
-            with autocast(device), (train_model.no_sync() if world > 1 and not last_micro else nullcontext()):
+            with autocast(device), grad_sync(train_model, last_micro):
                 loss = train_model(x, y) * ((y != -100).sum() * world / max(n_tokens, 1))
                 check_finite(loss, "the loss", step, cfg.out_dir)
                 loss.backward()
@@ -293,8 +291,10 @@ def main(cfg):
         report[str(alpha)] = acc
         log(f"alpha {alpha:.2f}: " + ", ".join(f"{k} {v:.1f}%" for k, v in acc.items()))
         metrics.write(step=steps, alpha=alpha, **acc)
-    if report or extra:
-        save_final(report)
+    if cfg.save_fused and "spectrum" in extra:
+        save_final(report)  # the fused weights replace the ones saved above
+    elif report or extra:  # same weights: only the reports join the checkpoint's meta.json
+        update_checkpoint_meta(os.path.join(cfg.out_dir, "ckpt"), alpha_report=report, **extra)
     run.close()
     log(f"sft done: checkpoint (alpha={cfg.alpha}) in {os.path.join(cfg.out_dir, 'ckpt')}")
 

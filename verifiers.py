@@ -532,17 +532,18 @@ def _is_json(text):
         return False
 
 
+def _separated_parts(parts):
+    """The non-blank parts of a text split at a separator (stripped), or None when a blank part stands between
+    two others: the harness's rule for '***' paragraphs and '******' responses (blank ends are dropped)."""
+    if any(not p.strip() for p in parts[1:-1]):
+        return None
+    return [p.strip() for p in parts if p.strip()]
+
+
 def _n_paragraphs_starred(text):
     """Paragraphs separated by '***'; an empty one inside (not at either end) fails the check (-1)."""
-    parts = re.split(r"\s?\*\*\*\s?", text)
-    n = len(parts)
-    for i, p in enumerate(parts):
-        if not p.strip():
-            if i in (0, len(parts) - 1):
-                n -= 1
-            else:
-                return -1
-    return n
+    parts = _separated_parts(re.split(r"\s?\*\*\*\s?", text))
+    return -1 if parts is None else len(parts)
 
 
 def _nth_paragraph_first_word(text, num_paragraphs, nth_paragraph, first_word):
@@ -569,12 +570,8 @@ def _n_highlights(text):
 
 
 def _two_responses(text):
-    parts = text.split("******")
-    for i, p in enumerate(parts):
-        if not p.strip() and i not in (0, len(parts) - 1):
-            return False
-    kept = [p.strip() for p in parts if p.strip()]
-    return len(kept) == 2 and kept[0] != kept[1]
+    parts = _separated_parts(text.split("******"))
+    return parts is not None and len(parts) == 2 and parts[0] != parts[1]
 
 
 IFEVAL_CHECKS = {
@@ -699,16 +696,13 @@ def program_outputs(codes, limits=None, isolation_mode="auto", workers=None):
     """What each program prints (stripped stdout), run in the sandbox and remembered once it succeeded
     (a failure, e.g. a timeout on a loaded machine, is tried again next time); None for a program that fails."""
     todo = sorted({c for c in codes if c not in _OUTPUT_CACHE})
-    failed = {}
     if todo:
         res = run_programs([({"main.py": c}, ["python", "-I", "main.py"]) for c in todo], workers, limits,
                            isolation_mode)
         for c, r in zip(todo, res):
             if r.status == "ok":
                 _OUTPUT_CACHE[c] = r.stdout.strip()
-            else:
-                failed[c] = None
-    return [_OUTPUT_CACHE[c] if c in _OUTPUT_CACHE else failed[c] for c in codes]
+    return [_OUTPUT_CACHE.get(c) for c in codes]
 
 
 def code_output_reward(completion, printed):
@@ -746,6 +740,25 @@ def score_batch(rows, completions, limits=None, isolation_mode="auto", workers=N
             out[i] = logic_reward(c, row["dataset"], row["entry"])
         elif kind == "ifeval":
             out[i] = ifeval_reward(c, row["instructions"])
+    return out
+
+
+def score_examples(examples, completions, answer_match="strict", isolation_mode="auto"):
+    """Correctness of each completion for its example (tasks.load_examples), the number GRPO rewards and
+    eval counts: a word problem (kind gsm8k) by the shared extractor against the example's normalized
+    target (`answer_match`: strict = the first '#### N', flexible = the last number; lm-eval GSM8K's two
+    filters); a row of another kind by score_batch on its raw row. None (a row its verifier cannot
+    judge) gives 0."""
+    out = [0.0] * len(completions)
+    other = [i for i, ex in enumerate(examples) if ex.get("kind", "gsm8k") != "gsm8k"]
+    if other:
+        scores = score_batch([examples[i]["row"] for i in other], [completions[i] for i in other],
+                             isolation_mode=isolation_mode)
+        for i, sc in zip(other, scores):
+            out[i] = 0.0 if sc is None else float(sc)
+    for i, ex in enumerate(examples):
+        if ex.get("kind", "gsm8k") == "gsm8k":
+            out[i] = exact_match_reward(completions[i], ex["target"], answer_match)
     return out
 
 

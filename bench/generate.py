@@ -70,8 +70,8 @@ def hf_generate(hf, ids, new, static):
     return out[:, ids.size(1):]
 
 
-def matmul_floor_seconds(model, B, prompt, new):
-    """The time of the linear layers alone for one generate call (the bound that any sampler at this
+def matmul_floor(model, B, prompt, new):
+    """The linear layers alone of one generate call, timed as a sampler is (the bound that any sampler at this
     dtype meets): one prefill's projections over B x prompt tokens (the output layer on the B last
     positions only), then `new` decode steps' projections and output layer over B rows, all run (not
     extrapolated, so a noisy machine slows it as much as the samplers). Attention, norms, RoPE,
@@ -90,16 +90,9 @@ def matmul_floor_seconds(model, B, prompt, new):
             F.linear(xf if i % 7 == 6 else xa if i % 7 == 3 else x, w)
         F.linear(x[:last_rows], head)
 
-    with torch.no_grad():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run(B * prompt, B)
-        for _ in range(new):
-            run(B, B)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    run(B * prompt, B)
+    for _ in range(new):
+        run(B, B)
 
 
 def env_info(device):
@@ -161,7 +154,7 @@ def main():
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--impls", default="engine,hf,hf_static,floor",
                     help="engine, engine_eager (CUDA: no graphs), hf, hf_static, floor (the linear layers alone: "
-                         "matmul_floor_seconds)")
+                         "matmul_floor)")
     ap.add_argument("--preset", default="135m")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--out", default=None)
@@ -211,13 +204,13 @@ def main():
                     t0 = time.perf_counter()
                     with torch.no_grad():
                         if impl == "floor":
-                            dt_floor = matmul_floor_seconds(model, B, args.prompt, new if rep >= 0 else 1)
+                            matmul_floor(model, B, args.prompt, new if rep >= 0 else 1)
                         elif impl.startswith("engine"):
                             engines[impl].generate(prompts, max_new_tokens=new if rep >= 0 else min(new, 8))
                         else:
                             hf_generate(hf, ids, new if rep >= 0 else min(new, 8), static=impl == "hf_static")
                     sync()
-                    dt = time.perf_counter() - t0 if impl != "floor" else dt_floor
+                    dt = time.perf_counter() - t0
                     if rep < 0:
                         continue
                     tok_s = B * new / dt

@@ -126,11 +126,11 @@ def _eval_setup(patch=None):
     records what it was given in $SCORED.<rank>; text-loss batches of 4 windows (so 2 ranks each score some)."""
     patch = patch or (lambda name, value: setattr(evaluation, name, value))
 
-    def score_batch(rows, texts, isolation_mode=None):
+    def score_examples(rows, texts, isolation_mode=None):
         with open(f"{os.environ['SCORED']}.{os.environ.get('RANK', '0')}", "a") as f:
             f.write(json.dumps([[r["question"] for r in rows], texts]) + "\n")
         return [float(zlib.crc32((r["question"] + t).encode()) % 4 == 0) for r, t in zip(rows, texts)]
-    patch("score_batch", score_batch)
+    patch("score_examples", score_examples)
     patch("text_loss", functools.partial(_text_loss, batch_size=4))
 
 

@@ -465,7 +465,8 @@ def test_correctness_routes_other_kinds_to_their_verifier(monkeypatch):
         calls.append((rows, texts, isolation_mode))
         return [0.5, None]  # a fraction of tests passed; a row its verifier cannot judge
 
-    monkeypatch.setattr(grpo, "score_batch", fake_score_batch)
+    import verifiers
+    monkeypatch.setattr(verifiers, "score_batch", fake_score_batch)  # what verifiers.score_examples calls
     cfg = grpo.GRPOConfig(sandbox="unshare")
     exs = [{"target": "7", "kind": "gsm8k"}, {"target": None, "kind": "code", "row": {"id": 1}},
            {"target": None, "kind": "math", "row": {"id": 2}}, {"target": "3"}]

@@ -449,3 +449,15 @@ def test_eval_reports_pass1_per_kind(tmp_path):
     assert res["pass@1"] == pytest.approx((res["pass@1/gsm8k"] + res["pass@1/code_output"]) / 2)
     table = open(str(tmp_path / "eval") + ".md").read()
     assert "pass@1/code_output (%)" in table and "pass@0" not in table
+
+
+def test_score_examples_scores_a_chat_row_by_its_normalized_target(tmp_path):
+    """A held-out `messages` row has its answer in the last assistant turn, not in 'target'/'answer': the
+    one scorer of GRPO and eval reads the normalized example (scoring its raw row would not find a target)."""
+    from tasks import load_examples
+    path = tmp_path / "heldout.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"},
+                                             {"role": "assistant", "content": "2+2=4\n#### 4"}]}) + "\n")
+    exs = load_examples(str(path), "target", "held-out")
+    assert V.score_examples(exs * 3, ["so #### 4", "#### 5", "4"]) == [1.0, 0.0, 0.0]
+    assert V.score_examples(exs, ["so 4"], answer_match="flexible") == [1.0]
