@@ -3,11 +3,11 @@ N ranks x grad_accum A must train exactly like 1 rank x grad_accum N*A on the sa
 and a 2-rank run resumed from its checkpoint must equal the uninterrupted 2-rank run. eval.py on 2 ranks
 must give the same completions and numbers as on 1. GRPO on 2 ranks x P/2 prompts must train like 1 rank x P
 prompts given the same completions."""
+import dataclasses
 import faulthandler
 import functools
 import json
 import os
-import shutil
 import socket
 import warnings
 import zlib
@@ -57,30 +57,29 @@ def _worker(rank, world, port, stage, cfg, stop_at_step, setup=None):
         mod.lr_at = lr_at
     try:
         mod.main(cfg)
-    except Interrupted:
-        pass
+    except Interrupted:  # shut down as a finished stage does
+        torch.distributed.destroy_process_group()
 
 
 def run_ranks(stage, cfg, world=2, stop_at_step=0, setup=None):
-    """Runs `stage` on `world` spawned gloo ranks. A run whose rank was killed by a signal is run once more from
-    the same inputs, with a warning that names the signal: CI once saw rank 1 of the FSDP resume abort with
-    glibc's "double free or corruption" (a heap error in native code, torch's or gloo's; the ranks run only
-    Python of ours), and 83 reruns here (35 under full CPU load, 40 under glibc's heap checks) did not repeat
-    it. A second crash, a Python exception in a rank (exit status 1) or a wrong result still fails the test."""
-    def spawn():
+    """Runs `stage` on `world` spawned gloo ranks. A run whose rank was killed by a signal is run once more from the
+    same inputs (a fresh training run with --overwrite=true, replacing what the crashed one wrote; a resumed one
+    from its newest checkpoint), with a warning that names the signal: CI once saw rank 1 of the FSDP resume abort
+    with glibc's "double free or corruption" (a heap error in native code, torch's or gloo's; the ranks run only
+    Python of ours), and 83 reruns here (35 under full CPU load, 40 under glibc's heap checks) did not repeat it. A
+    second crash, a Python exception in a rank (exit status 1) or a wrong result still fails the test."""
+    def spawn(cfg):
         mp.start_processes(_worker, args=(world, _free_port(), stage, cfg, stop_at_step, setup), nprocs=world,
                            start_method="spawn")
-    out_dir = getattr(cfg, "out_dir", None)
-    fresh = out_dir is not None and not getattr(cfg, "resume", False) and not os.path.exists(out_dir)
     try:
-        spawn()
+        spawn(cfg)
     except mp.ProcessExitedException as e:
         if not e.signal_name:  # exited with a status (not a crash): a real failure
             raise
         warnings.warn(f"{stage}: rank {e.error_index} died by {e.signal_name}; running the {world} ranks again")
-        if fresh:  # what the crashed fresh run wrote would make the rerun refuse its out_dir
-            shutil.rmtree(out_dir, ignore_errors=True)
-        spawn()
+        if hasattr(cfg, "overwrite") and not cfg.resume:  # a fresh run replaces what the crashed one wrote
+            cfg = dataclasses.replace(cfg, overwrite=True)
+        spawn(cfg)
 
 
 def curve(out):
@@ -145,6 +144,8 @@ def _eval_setup(patch=None):
     """Both eval runs (1 process, 2 ranks): a scorer that depends on each item and its completion's exact text
     (a CRC: a quarter right, so a completion scored against the wrong item, or a different sample, shows) and
     records what it was given in $SCORED.<rank>; text-loss batches of 4 windows (so 2 ranks each score some)."""
+    if patch is None:  # a spawned rank: its record starts empty (run_ranks may run the ranks twice)
+        open(f"{os.environ['SCORED']}.{os.environ['RANK']}", "w").close()
     patch = patch or (lambda name, value: setattr(evaluation, name, value))
 
     def score_examples(rows, texts, isolation_mode=None):
@@ -194,6 +195,8 @@ def _fake_completions(model, tok, prompts, budget, cfg, gen):
 
 
 def _grpo_setup(patch=None):
+    if patch is None:  # a spawned rank: its record starts empty (run_ranks may run the ranks twice)
+        open(f"{os.environ['SAMPLED']}.{os.environ['RANK']}", "w").close()
     patch = patch or (lambda name, value: setattr(grpo, name, value))
     patch("sample_completions", _fake_completions)
 
