@@ -50,10 +50,9 @@ import numpy as np
 
 from data import (expand_inputs, iter_corpus, JsonlWriter, mix64, ngram_hashes, normalize_words, num_workers,
                   ordered_map, word_bytes)
-from benchmarks import EVAL_SETS, download_eval_set, eval_item_texts, local_eval_files
+from benchmarks import DEFAULT_DATA_DIR, EVAL_SETS, download_eval_set, eval_item_texts, local_eval_files
 from common import atomic_write, progress
 
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 _NGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)  # data.ngram_hashes' multiplier
 _BYTE_MULT = 0x100000001B3                     # odd, so invertible mod 2^64
 _powers_cache = [np.ones(1, np.uint64), np.ones(1, np.uint64)]
@@ -85,7 +84,7 @@ class DedupConfig:
     # benchmark decontamination
     decontaminate: bool = True
     evals: str = "default"        # "default" (every known set found locally, else downloaded), names / paths, or ""
-    eval_dir: str = os.path.join(REPO_DIR, "..", "shared", "data")  # local eval sets, laid out as shared/data
+    eval_dir: str = DEFAULT_DATA_DIR  # local eval sets, laid out as shared/data
     eval_ngram: int = 13
     eval_min_words: int = 8       # an eval text shorter than eval_ngram words is matched whole if it has this many
     # execution

@@ -155,7 +155,7 @@ class _LayerCache:
         end = c.len + T
         kc[:, :, c.len:end], vc[:, :, c.len:end] = k, v
         if c.whole_slots:  # (B, S) mask per layer: microseconds beside the attention's milliseconds
-            return grouped_attention(q, kc, vc, c.bias.masked_fill(c.slots[None, :] >= end, float("-inf")))
+            return offset_attention(q, kc, vc, c.bias.masked_fill(c.slots[None, :] >= end, float("-inf")), c.backend)
         return offset_attention(q, kc[:, :, :end], vc[:, :, :end], c.bias[:, :end], c.backend)
 
 

@@ -54,6 +54,7 @@ as too long, and a warning when most reference answers are longer than max_new_t
 the first iteration whose truncation rate exceeds eval.TRUNCATION_WARN prints a warning (once a run).
 Presets: RECIPES below.
 """
+import collections
 import json
 import math
 import os
@@ -71,7 +72,7 @@ from eval import TRUNCATION_WARN, check_budget, fit_prompts, heldout_accuracy, w
 from engine import Engine, stop_tokens_for
 from model import output_logprobs
 from tasks import example_prompt_ids, extract_answer, load_examples
-from verifiers import BINARY_KINDS, CORRECT, KINDS, score_examples
+from verifiers import BINARY_KINDS, CORRECT, KINDS, kind_of, score_examples
 
 
 @dataclass
@@ -538,9 +539,7 @@ def parse_mix(spec, examples):
     """--mix "kind:share,..." -> {kind: share}, shares normalised to sum 1 (ProRL mixes task kinds by
     share). Unknown kind, a kind the data has no rows of, a share that is not a number >= 0, a kind named
     twice, or all shares 0: one line (SystemExit). Kinds of the data left out of the spec are not drawn."""
-    have = {}
-    for ex in examples:
-        have[ex.get("kind", "gsm8k")] = have.get(ex.get("kind", "gsm8k"), 0) + 1
+    have = collections.Counter(kind_of(ex) for ex in examples)
     usage = "expected kind:share,... (e.g. --mix=gsm8k:0.7,code_output:0.3)"
     mix = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -567,7 +566,7 @@ def parse_mix(spec, examples):
 
 def kind_pools(rows, mix):
     """[(rows of one kind, share)] for the kinds of `mix` ({kind: share}, parse_mix) with share > 0."""
-    return [([r for r in rows if r.get("kind", "gsm8k") == k], v) for k, v in mix.items() if v > 0]
+    return [([r for r in rows if kind_of(r) == k], v) for k, v in mix.items() if v > 0]
 
 
 def per_kind_stats(kinds, rewards, correct, lengths):
@@ -629,7 +628,7 @@ def rollout(model, tok, pools, cfg, it, budget, device):
             keep["completions"] += completions[sl]
             keep["truncated"] += truncated[sl]
             keep["texts"] += texts[sl]
-            keep["kinds"] += [rows[g].get("kind", "gsm8k")] * G
+            keep["kinds"] += [kind_of(rows[g])] * G
             keep["rewards"].append(rewards[g])
             keep["correct"].append(correct[g])
         if len(keep["rewards"]) >= want and world == 1:

@@ -750,14 +750,14 @@ def score_examples(examples, completions, answer_match="strict", isolation_mode=
     filters); a row of another kind by score_batch on its raw row. None (a row its verifier cannot
     judge) gives 0."""
     out = [0.0] * len(completions)
-    other = [i for i, ex in enumerate(examples) if ex.get("kind", "gsm8k") != "gsm8k"]
+    other = [i for i, ex in enumerate(examples) if kind_of(ex) != "gsm8k"]
     if other:
         scores = score_batch([examples[i]["row"] for i in other], [completions[i] for i in other],
                              isolation_mode=isolation_mode)
         for i, sc in zip(other, scores):
             out[i] = 0.0 if sc is None else float(sc)
     for i, ex in enumerate(examples):
-        if ex.get("kind", "gsm8k") == "gsm8k":
+        if kind_of(ex) == "gsm8k":
             out[i] = exact_match_reward(completions[i], ex["target"], answer_match)
     return out
 
@@ -791,10 +791,16 @@ def _from_gsm8k(r):
     return {"prompt": r["question"], "kind": "gsm8k", "answer": r["answer"]}
 
 
+def _ifeval_instructions(ids, kwargs, strict=False):
+    """IFEval's parallel lists (instruction ids, their kwargs) as a row's "instructions", less the
+    None-valued kwargs that the Hub's viewer adds where it unified the dicts."""
+    return [{"id": i, **{k: v for k, v in (kw or {}).items() if v is not None}}
+            for i, kw in zip(ids, kwargs, strict=strict)]
+
+
 def _from_ifeval(r):
-    ins = [{"id": i, **{k: v for k, v in (kw or {}).items() if v is not None}}
-           for i, kw in zip(r["instruction_id_list"], r["kwargs"])]
-    return {"prompt": r["prompt"], "kind": "ifeval", "instructions": ins}
+    return {"prompt": r["prompt"], "kind": "ifeval",
+            "instructions": _ifeval_instructions(r["instruction_id_list"], r["kwargs"])}
 
 
 def _from_nemotron_if(r):
@@ -804,8 +810,7 @@ def _from_nemotron_if(r):
     dicts). The row's "system_prompt" ("detailed thinking on/off") is Llama-Nemotron's reasoning switch and
     is dropped: it means nothing to other models."""
     args = r["args"]
-    ins = [{"id": i, **{k: v for k, v in (kw or {}).items() if v is not None}}
-           for i, kw in zip(args["instruction_id_list"], args["instruction_kwargs"], strict=True)]
+    ins = _ifeval_instructions(args["instruction_id_list"], args["instruction_kwargs"], strict=True)
     msgs = [{"role": m["role"], "content": m["content"]} for m in r["input"] if m["role"] in ("system", "user")]
     return {"messages": msgs, "kind": "ifeval", "instructions": ins}
 

@@ -187,7 +187,7 @@ def main(cfg):
               f"{len(rs) / tp:7.2f} items/s  speed-up {tp / tb:5.1f}x  "
               f"(linear-layer work {m_plain / m_batched:4.1f}x less)", flush=True)
     load1 = os.getloadavg()
-    res = {"items": len(reqs), "choices": n_choices, "device": device, "threads": torch.get_num_threads(),
+    res = {"items": len(reqs), "choices": n_choices,  # device and threads: env_info's
            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
            "batched_items_per_s": len(reqs) / t_batched, "unbatched_items_per_s": len(reqs) / t_plain,
            "speedup": t_plain / t_batched, "linear_macs_ratio": macs_plain / macs_batched,

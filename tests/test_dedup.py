@@ -11,6 +11,7 @@ import benchmarks  # noqa: E402
 import dedup  # noqa: E402
 from dedup import batch_ngram_hashes, batch_word_hashes  # noqa: E402
 from data import normalize_words  # noqa: E402
+from hub_standin import OfflineHub  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
@@ -303,13 +304,8 @@ def test_13gram_overlap_with_an_eval_set_drops_the_document(tmp_path):
 
 def test_eval_sets_missing_everywhere_is_a_clear_error(tmp_path):
     cfg = cfg_for(tmp_path, "x", decontaminate=True, evals="gsm8k", eval_dir=str(tmp_path / "none"))
-
-    class Offline:
-        def list_repo_files(self, *a, **k):
-            raise ConnectionError("offline")
-
     with pytest.raises(SystemExit, match="no eval set found.*--decontaminate=false"):
-        dedup.resolve_eval_files(cfg, hub=Offline())
+        dedup.resolve_eval_files(cfg, hub=OfflineHub())
 
 
 def test_eval_items_are_indexed_per_field(tmp_path):
